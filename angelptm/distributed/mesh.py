@@ -1,0 +1,115 @@
+"""The process-group grid: `ParallelDims(dp, pp, cp, tp)` -> a DeviceMesh ("pp", "dp", "cp", "tp").
+
+tp is innermost so that tensor-parallel peers sit on neighbouring ranks (one node, fastest links);
+pp is outermost because its point-to-point traffic is the lightest. A single process is the
+smallest mesh: it still gets a (gloo) process group of one, so every code path is the same.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from angelptm.config import ParallelConfig
+from angelptm.errors import ConfigError
+
+MESH_DIMS = ("pp", "dp", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp: int = 1
+    pp: int = 1
+    cp: int = 1
+    tp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.cp * self.tp
+
+    @classmethod
+    def from_config(cls, parallel: ParallelConfig, world_size: int) -> "ParallelDims":
+        """Resolve `dp: auto` to fill the world, and check that the degrees multiply to it."""
+        fixed = parallel.pp * parallel.cp * parallel.tp
+        if parallel.dp == "auto":
+            if world_size % fixed:
+                raise ConfigError(
+                    f"world size {world_size} is not divisible by parallel.pp × cp × tp = "
+                    f"{parallel.pp} × {parallel.cp} × {parallel.tp} = {fixed}; "
+                    "change those degrees or the number of processes"
+                )
+            dp = world_size // fixed
+        else:
+            dp = parallel.dp
+        dims = cls(dp=dp, pp=parallel.pp, cp=parallel.cp, tp=parallel.tp)
+        if dims.world_size != world_size:
+            raise ConfigError(
+                f"parallel degrees dp × pp × cp × tp = {dp} × {parallel.pp} × {parallel.cp} × "
+                f"{parallel.tp} = {dims.world_size} do not match the world size {world_size}; "
+                "set parallel.dp=auto or launch that many processes"
+            )
+        return dims
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as torchrun sets them; (0, 0, 1) for a plain process."""
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+    )
+
+
+def resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs CUDA devices; set parallel.backend=gloo or auto")
+    return backend
+
+
+def init_process_group(backend: str = "auto") -> None:
+    """Join torchrun's process group, or make a group of one for a plain single process."""
+    if dist.is_initialized():
+        return
+    backend = resolve_backend(backend)
+    rank, local_rank, world_size = world_from_env()
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def init(dims: Optional[ParallelDims] = None, backend: str = "auto") -> DeviceMesh:
+    """Initialise the process group (if needed) and return the 4D DeviceMesh for `dims`.
+
+    `dims=None` means pure data parallelism over the whole world.
+    """
+    init_process_group(backend)
+    world_size = dist.get_world_size()
+    dims = dims or ParallelDims(dp=world_size)
+    if dims.world_size != world_size:
+        raise ConfigError(
+            f"parallel degrees dp × pp × cp × tp = {dims.world_size} do not match the world size "
+            f"{world_size}; launch that many processes or change the degrees"
+        )
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device_type, (dims.pp, dims.dp, dims.cp, dims.tp), mesh_dim_names=MESH_DIMS)
+
+
+def dims_of(mesh: DeviceMesh) -> ParallelDims:
+    return ParallelDims(**{name: mesh[name].size() for name in MESH_DIMS})
+
+
+def device_of(mesh: DeviceMesh) -> torch.device:
+    """The device this rank computes on: its GPU under NCCL, else the CPU."""
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
