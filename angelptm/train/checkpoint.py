@@ -1,0 +1,291 @@
+"""Checkpoints: complete-or-absent folders of sharded, reshardable state that load no pickled code.
+
+A checkpoint is a folder `step_<N>/`:
+
+    config.yaml        the resolved config of the run that wrote it
+    train_state.json   step, sampler position, layout, and a manifest (size + crc32 of every file)
+    state/             torch.distributed.checkpoint (DCP) shards: {"model": ..., "optim": ...}
+    rng/rank_<r>.safetensors   each rank's RNG state
+
+Each rank writes its own shards, so a checkpoint written with one layout loads into another.
+The folder is written under a temporary name, fsynced, and renamed, so a crash leaves either
+the whole checkpoint or none. DCP keeps its index in a pickle; we read it with an unpickler that
+admits only DCP's own metadata classes, and tensors with `weights_only=True`, so loading a
+checkpoint never runs code from it. A model-only checkpoint (from `import-hf`) has no "optim".
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+from angelptm.config import Config, load_config, save_config
+from angelptm.errors import UserError
+
+FORMAT_VERSION = 1
+STEP_PREFIX = "step_"
+
+# (module, name) pairs DCP's metadata pickle may name; anything else is refused.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+        "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata names {module}.{name}, which is not allowed")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader, with the metadata read by an allow-list unpickler."""
+
+    def read_metadata(self):
+        path = Path(self.path) / ".metadata"
+        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")) + [root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _all_ok(ok: bool) -> bool:
+    """True on every rank iff `ok` is true on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=device)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
+def step_of(path: Path) -> Optional[int]:
+    name = path.name
+    if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit():
+        return int(name[len(STEP_PREFIX):])
+    return None
+
+
+def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
+    """The newest complete `step_<N>` folder under `ckpt_root` (temporary folders are ignored)."""
+    if not ckpt_root.is_dir():
+        return None
+    steps = [(step_of(p), p) for p in ckpt_root.iterdir() if p.is_dir() and step_of(p) is not None]
+    return max(steps)[1] if steps else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_checkpoint(
+    folder: Path,
+    cfg: Config,
+    state: dict[str, Any],
+    train_state: dict[str, Any],
+    keep: Optional[int] = None,
+) -> Path:
+    """Write `state` ({"model": ..., "optim": ...}, DCP-ready) and `train_state` (JSON) atomically.
+
+    Collective: every rank calls it with its own shards. Returns the final folder. With `keep`,
+    older `step_<N>` siblings beyond the newest `keep` are removed afterwards.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp_{folder.name}")
+    rank = _rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    dcp.save(state, storage_writer=FileSystemWriter(tmp / "state", sync_files=True))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / "rng" / f"rank_{rank}.safetensors"))
+    _barrier()
+    if rank == 0:
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
+        record = dict(train_state, format=FORMAT_VERSION, world_size=_world(), manifest=manifest)
+        (tmp / "train_state.json").write_text(json.dumps(record, indent=1))
+        save_config(cfg, tmp / "config.yaml")
+        _fsync_tree(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        _fsync_tree(folder.parent)
+        if keep is not None:
+            _prune(folder.parent, keep)
+    _barrier()
+    return folder
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    steps = sorted((step_of(p), p) for p in ckpt_root.iterdir() if p.is_dir() and step_of(p) is not None)
+    for _, old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _corrupt(folder: Path, what: str) -> UserError:
+    return UserError(
+        f"checkpoint {folder} is corrupt or incomplete ({what}); delete it, or point "
+        "train.resume at another checkpoint (or set train.resume=never)"
+    )
+
+
+def read_train_state(folder: Path) -> dict[str, Any]:
+    """The checkpoint's JSON record, after checking every file against the manifest.
+
+    Each rank checks the crc32 of a share of the files, so a large checkpoint is read once in all.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"checkpoint {folder} does not exist; pass the path of a step_<N> folder")
+    try:
+        record = json.loads((folder / "train_state.json").read_text())
+        manifest = record["manifest"]
+    except (OSError, ValueError, KeyError):
+        raise _corrupt(folder, "train_state.json is missing or unreadable") from None
+    if record.get("format") != FORMAT_VERSION:
+        raise UserError(
+            f"checkpoint {folder} has format {record.get('format')}, this angelptm reads format "
+            f"{FORMAT_VERSION}; convert it with the angelptm version that wrote it"
+        )
+    problem = None
+    for i, (name, entry) in enumerate(sorted(manifest.items())):
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+            problem = f"{name} is missing or truncated"
+        elif i % _world() == _rank() and _crc32(path) != entry["crc32"]:
+            problem = f"{name} fails its checksum"
+        if problem:
+            break
+    if not _all_ok(problem is None):
+        raise _corrupt(folder, problem or "a file fails its checksum on another rank")
+    return record
+
+
+def has_optimizer_state(record: dict[str, Any]) -> bool:
+    return any(name.startswith("state/") for name in record["manifest"]) and record.get("kind") != "model"
+
+
+def load_state(folder: Path, state: dict[str, Any]) -> None:
+    """Fill `state` (same structure as saved, this rank's shards) in place from the DCP shards."""
+    folder = Path(folder)
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(folder / "state"))
+    except (pickle.UnpicklingError, EOFError) as e:
+        raise _corrupt(folder, f"unreadable index: {e}") from None
+    except Exception as e:  # DCP wraps per-rank failures; a shape or key mismatch lands here too
+        first = str(e).strip().splitlines()
+        raise _corrupt(folder, first[-1] if first else type(e).__name__) from None
+
+
+def restore_rng(folder: Path) -> None:
+    """Restore this rank's RNG state when the checkpoint was written by the same world size."""
+    path = Path(folder) / "rng" / f"rank_{_rank()}.safetensors"
+    if not path.is_file():
+        return
+    rng = load_file(str(path))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def checkpoint_config(folder: Path) -> Config:
+    path = Path(folder) / "config.yaml"
+    if not path.is_file():
+        raise _corrupt(Path(folder), "config.yaml is missing")
+    return load_config(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-only checkpoints (import-hf, export-hf, generate)
+
+
+def save_model_checkpoint(folder: Path, cfg: Config, model_state: dict[str, torch.Tensor]) -> Path:
+    """Write a checkpoint holding only model weights (full tensors), e.g. imported from elsewhere."""
+    return save_checkpoint(Path(folder), cfg, {"model": model_state}, {"step": 0, "kind": "model"})
+
+
+def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[Config, torch.nn.Module]:
+    """Build the plain model a checkpoint describes and load its full weights (one process)."""
+    from angelptm.models.llama import build_llama
+
+    folder = Path(folder)
+    read_train_state(folder)
+    cfg = checkpoint_config(folder)
+    model = build_llama(cfg.model, "meta")
+    model.to_empty(device=device)
+    model.tie_weights()
+    state = {"model": model.state_dict()}
+    load_state(folder, state)
+    model.load_state_dict(state["model"])
+    return cfg, model
