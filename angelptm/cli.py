@@ -1,0 +1,127 @@
+"""The `angelptm` command: train, plan, generate, import-hf, export-hf.
+
+Bad input surfaces as `UserError`: one line on stderr, exit status 2, no traceback. Anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from angelptm.errors import UserError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from angelptm.config import load_config
+    from angelptm.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    if cfg.train.sample_tokens and trainer.rank == 0:
+        _print_sample(trainer.ckpt_root, cfg.train.sample_prompt, cfg.train.sample_tokens, temperature=0.8)
+    return 0
+
+
+def _print_sample(checkpoint: Path, prompt: str, max_new_tokens: int, temperature: float,
+                  top_k: Optional[int] = 50, seed: int = 0, device: str = "cpu") -> None:
+    from angelptm.generate import generate_text
+    from angelptm.train.checkpoint import latest_checkpoint, load_model
+
+    folder = latest_checkpoint(checkpoint) or latest_checkpoint(checkpoint / "checkpoints") or checkpoint
+    cfg, model = load_model(folder, device)
+    text = generate_text(model, prompt, max_new_tokens, cfg.model.max_seq_len, temperature, top_k, seed)
+    print(f"--- sample from {folder} (temperature {temperature}) ---")
+    print(text)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.temperature < 0:
+        raise UserError(f"--temperature={args.temperature} must be >= 0 (0 is greedy)")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens={args.max_new_tokens} must be positive")
+    _print_sample(Path(args.checkpoint), args.prompt, args.max_new_tokens, args.temperature,
+                  args.top_k, args.seed, args.device)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from angelptm.plan import plan_main
+
+    return plan_main(args.rest)
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from angelptm.models.hf import import_hf
+
+    print(f"wrote {import_hf(Path(args.hf_dir), Path(args.out_dir))}")
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from angelptm.models.hf import export_hf
+
+    print(f"wrote {export_hf(Path(args.checkpoint), Path(args.out_dir))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="angelptm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model from a YAML config (default: the built-in demo)")
+    train.add_argument("config", nargs="?", help="YAML config; omit for the built-in demo job")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config key, e.g. --set train.steps=100 (repeatable)")
+    train.set_defaults(run=_train)
+
+    plan = sub.add_parser("plan", help="memory, FLOPs, communication and step time for a layout",
+                          add_help=False)
+    plan.add_argument("rest", nargs=argparse.REMAINDER)
+    plan.set_defaults(run=_plan)
+
+    gen = sub.add_parser("generate", help="print a sample from a checkpoint")
+    gen.add_argument("checkpoint", help="a step_<N> folder, or a run's output_dir (its newest checkpoint)")
+    gen.add_argument("--prompt", default="")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy decoding")
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(run=_generate)
+
+    imp = sub.add_parser("import-hf", help="convert a Hugging Face Llama folder into a checkpoint")
+    imp.add_argument("hf_dir")
+    imp.add_argument("out_dir")
+    imp.set_defaults(run=_import_hf)
+
+    exp = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face Llama folder")
+    exp.add_argument("checkpoint")
+    exp.add_argument("out_dir")
+    exp.set_defaults(run=_export_hf)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"angelptm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""What a run reports: one JSON object per logged step in metrics.jsonl, and a progress line.
+
+Global rank 0 writes; the others stay quiet. MFU is the model's training FLOPs per second over
+the device's peak: a datasheet figure for known GPUs, and for CPUs the fp32 matmul rate measured
+on this machine at start-up (so CPU "MFU" reads as the fraction of what this CPU's BLAS reaches).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+import torch
+
+# Dense peak FLOP/s per GPU by dtype (datasheet, without sparsity).
+GPU_PEAK_FLOPS = {
+    "H200": {"bfloat16": 989e12, "float32": 67e12},
+    "H100": {"bfloat16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
+}
+
+
+def measure_cpu_matmul_flops(size: int = 1024, repeats: int = 3) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up: thread pool and BLAS initialisation
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return peaks.get(dtype)
+        return None
+    return measure_cpu_matmul_flops()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class MetricsLogger:
+    """Appends step records to `<output_dir>/metrics.jsonl` and draws a progress line."""
+
+    def __init__(self, path: Path, total_steps: int, enabled: bool, resume_step: int = 0,
+                 stream: TextIO = sys.stderr):
+        """`resume_step` > 0 keeps the records up to that step and drops any written after it,
+        so a resumed run's file reads as one uninterrupted history."""
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.stream = stream
+        self.interactive = stream.isatty()
+        self._file = None
+        if enabled:
+            kept = []
+            if resume_step and path.is_file():
+                kept = [line for line in path.read_text().splitlines(keepends=True)
+                        if line.strip() and json.loads(line)["step"] <= resume_step]
+            self._file = open(path, "w")
+            self._file.writelines(kept)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self._progress(record)
+
+    def _progress(self, r: dict[str, Any]) -> None:
+        done = r["step"] / self.total_steps
+        bar = "=" * int(20 * done)
+        line = (
+            f"step {r['step']:>{len(str(self.total_steps))}}/{self.total_steps} [{bar:<20}] "
+            f"loss {r['loss']:.4f} | {r['tokens_per_sec']:,.0f} tok/s | ETA {_duration(r['eta_s'])}"
+        )
+        if r.get("skipped"):
+            line += " | step skipped (non-finite gradients)"
+        if self.interactive:
+            end = "\n" if r["step"] >= self.total_steps else ""
+            self.stream.write("\r" + line + " " * 4 + end)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(("\n" if self.interactive else "") + text + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,226 @@
+"""The Trainer: config -> mesh -> model -> parallelize -> optimizer -> data -> loop -> metrics, checkpoints.
+
+It reads top to bottom as the data flows. Everything that depends on the layout lives in
+`angelptm.distributed` (and ZeROCache); this file only calls it, so a single process and a
+4D-parallel job run the same loop. Every check of user input happens before anything is written
+to the output folder, so a bad config or checkpoint leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from angelptm import distributed
+from angelptm.config import Config, save_config
+from angelptm.data import TokenSampler, build_dataset
+from angelptm.distributed.mesh import ParallelDims, device_of, world_from_env
+from angelptm.errors import ConfigError, UserError
+from angelptm.models.llama import build_llama, flops_per_token
+from angelptm.train import checkpoint as ckpt
+from angelptm.train.metrics import MetricsLogger, peak_flops
+from angelptm.train.optim import build_adamw
+from angelptm.train.schedule import lr_at
+
+
+class Trainer:
+    """Build everything a run needs from `cfg`; `fit()` trains and returns the last step's record."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        t = cfg.train
+        if cfg.model.arch != "llama":
+            raise ConfigError(f"model.arch={cfg.model.arch} can be planned but not trained; set model.arch=llama")
+
+        # Layout: checked before any process-group work so every rank fails the same way.
+        _, _, world_size = world_from_env()
+        self.dims = ParallelDims.from_config(cfg.parallel, world_size)
+        self.accum_steps = cfg.grad_accum_steps(self.dims.dp)
+        self.mesh = distributed.init(self.dims, cfg.parallel.backend)
+        self.rank = dist.get_rank()
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.device = self._pick_device(t.device)
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+
+        self.sampler = TokenSampler(self._build_dataset(), t.seq_len, t.global_batch, cfg.data.seed)
+
+        # Resume point: found and verified before the output folder is touched.
+        self.output_dir = Path(t.output_dir)
+        self.ckpt_root = self.output_dir / "checkpoints"
+        resume_from = self._find_resume_point()
+        resume_record = ckpt.read_train_state(resume_from) if resume_from else None
+        if resume_from:
+            self._check_same_model(resume_from)
+
+        # Model: built on the meta device, transformed for the layout, then materialised.
+        model = distributed.parallelize(build_llama(cfg.model, "meta"), self.mesh, cfg)
+        self.model = distributed.materialize(model, self.device, t.seed)
+        self.optimizer = build_adamw(self.model, cfg.optim)
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if cfg.precision.dtype == "bfloat16" else nullcontext()
+        )
+
+        self.step = 0
+        if resume_from:
+            self.step = self._load(resume_from, resume_record)
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            save_config(cfg, self.output_dir / "config.yaml")
+        tokens_per_step = t.global_batch * t.seq_len
+        self.flops_per_step = flops_per_token(cfg.model, t.seq_len) * tokens_per_step
+        self.peak_flops = peak_flops(self.device, cfg.precision.dtype)
+        self.metrics = MetricsLogger(
+            self.output_dir / "metrics.jsonl", t.steps, enabled=self.rank == 0, resume_step=self.step
+        )
+        if resume_from:
+            self.metrics.message(f"resumed from {resume_from} at step {self.step}")
+
+    # -----------------------------------------------------------------------------------------
+    # Set-up helpers
+
+    def _pick_device(self, wanted: str) -> torch.device:
+        device = device_of(self.mesh)
+        if wanted == "cuda" and device.type != "cuda":
+            raise ConfigError("train.device=cuda but no CUDA device is in use; set train.device=auto")
+        return device
+
+    def _build_dataset(self):
+        """Rank 0 builds any cache first, so ranks do not race to write it; its error stops every rank."""
+        t = self.cfg.train
+        outcome: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                dataset = build_dataset(self.cfg.data, t.seq_len, self.cfg.model.vocab_size)
+            except UserError as e:
+                outcome[0] = str(e)
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise UserError(outcome[0])
+        if self.rank != 0:
+            dataset = build_dataset(self.cfg.data, t.seq_len, self.cfg.model.vocab_size)
+        return dataset
+
+    def _find_resume_point(self) -> Optional[Path]:
+        resume = self.cfg.train.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.ckpt_root)
+        path = Path(resume)
+        if not path.is_dir():
+            raise UserError(f"train.resume={resume} does not exist; pass a step_<N> checkpoint folder, auto or never")
+        return path
+
+    def _check_same_model(self, folder: Path) -> None:
+        saved = ckpt.checkpoint_config(folder).model
+        if saved != self.cfg.model:
+            diffs = [f"model.{k}={getattr(saved, k)}" for k in vars(saved) if getattr(saved, k) != getattr(self.cfg.model, k)]
+            raise UserError(
+                f"checkpoint {folder} holds a different model ({', '.join(diffs)}); "
+                "use the same model section or set train.resume=never"
+            )
+
+    def _load(self, folder: Path, record: dict[str, Any]) -> int:
+        """Load model (and, for a training checkpoint, optimizer, sampler, RNG); return the next step."""
+        if not ckpt.has_optimizer_state(record):
+            state = {"model": self.model.state_dict()}
+            ckpt.load_state(folder, state)
+            self.model.load_state_dict(state["model"])
+            return 0
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        ckpt.load_state(folder, state)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if record.get("world_size") == dist.get_world_size():
+            ckpt.restore_rng(folder)
+        return self.sampler.load_state_dict(record["sampler"])
+
+    # -----------------------------------------------------------------------------------------
+    # The loop
+
+    def fit(self) -> dict[str, Any]:
+        """Train from the current step to `train.steps`; return the last logged record."""
+        t = self.cfg.train
+        record: dict[str, Any] = {}
+        start = time.perf_counter()
+        first_step = self.step
+        try:
+            while self.step < t.steps:
+                step_start = time.perf_counter()
+                stats = self.train_step()
+                self.step += 1
+                step_time = time.perf_counter() - step_start
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    elapsed = time.perf_counter() - start
+                    record = self._record(stats, step_time, elapsed / (self.step - first_step))
+                    self.metrics.log(record)
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
+                    self.save_checkpoint()
+        finally:
+            self.metrics.close()
+        return record
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over the global batch: microbatches, gradient sync, clip, update."""
+        t = self.cfg.train
+        lr = lr_at(self.step, self.cfg.optim, t.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accum_steps):
+            first_row = (self.dp_rank * self.accum_steps + micro) * t.micro_batch
+            rows = self.sampler.rows(self.step, first_row, t.micro_batch).to(self.device, non_blocking=True)
+            with self.autocast:
+                logits = self.model(rows[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
+            (loss / self.accum_steps).backward()
+            loss_sum += loss.detach()
+        grad_norm = self._clip_gradients()
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum.item() / self.accum_steps, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
+
+    def _clip_gradients(self) -> float:
+        clip = self.cfg.optim.grad_clip
+        max_norm = clip if clip else float("inf")  # inf: measure the norm without clipping
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def _record(self, stats: dict[str, float], step_time: float, mean_step_time: float) -> dict[str, Any]:
+        t = self.cfg.train
+        tokens = t.global_batch * t.seq_len
+        record = {"step": self.step, **stats, "tokens_per_sec": tokens / step_time, "step_time_s": step_time}
+        if self.peak_flops:
+            record["mfu"] = self.flops_per_step / step_time / (self.peak_flops * dist.get_world_size())
+        if self.device.type == "cuda":
+            record["mem_device_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        record["eta_s"] = mean_step_time * (t.steps - self.step)
+        return record
+
+    # -----------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def save_checkpoint(self) -> Path:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        train_state = {"step": self.step, "sampler": self.sampler.state_dict(self.step), "kind": "train"}
+        return ckpt.save_checkpoint(
+            self.ckpt_root / f"{ckpt.STEP_PREFIX}{self.step}",
+            self.cfg,
+            {"model": model_state, "optim": optim_state},
+            train_state,
+            keep=self.cfg.train.keep_checkpoints,
+        )
