@@ -321,6 +321,7 @@ def validate(cfg: Config) -> Config:
         d.source not in ("text", "tokens") or d.path is not None,
         f"data.source={d.source} reads a file or folder; set data.path=/path/to/it",
     )
+    _check(d.seed >= 0, f"data.seed={d.seed} must be >= 0")
     t = cfg.train
     _positive(t, "train", "steps", "global_batch", "micro_batch", "seq_len", "log_every")
     _check(t.ckpt_every >= 0, f"train.ckpt_every={t.ckpt_every} must be >= 0 (0: only at the end)")

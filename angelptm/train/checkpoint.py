@@ -21,9 +21,11 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -95,7 +97,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_tree(root: Path) -> None:
+@contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it assumes one process when no process group exists; that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")) + [root]:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -160,7 +170,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     _barrier()
-    dcp.save(state, storage_writer=FileSystemWriter(tmp / "state", sync_files=True))
+    with _single_process_quiet():
+        dcp.save(state, storage_writer=FileSystemWriter(tmp / "state", sync_files=True))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -172,11 +183,11 @@ def save_checkpoint(
         record = dict(train_state, format=FORMAT_VERSION, world_size=_world(), manifest=manifest)
         (tmp / "train_state.json").write_text(json.dumps(record, indent=1))
         save_config(cfg, tmp / "config.yaml")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-        _fsync_tree(folder.parent)
+        fsync_tree(folder.parent)
         if keep is not None:
             _prune(folder.parent, keep)
     _barrier()
@@ -240,7 +251,8 @@ def load_state(folder: Path, state: dict[str, Any]) -> None:
     """Fill `state` (same structure as saved, this rank's shards) in place from the DCP shards."""
     folder = Path(folder)
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(folder / "state"))
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=SafeFileSystemReader(folder / "state"))
     except (pickle.UnpicklingError, EOFError) as e:
         raise _corrupt(folder, f"unreadable index: {e}") from None
     except Exception as e:  # DCP wraps per-rank failures; a shape or key mismatch lands here too

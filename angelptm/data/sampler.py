@@ -1,0 +1,105 @@
+"""Which token windows make up each step's global batch: a pure function of (seed, step, row).
+
+The token stream is cut into W windows of seq_len + 1 tokens at stride seq_len (a window's last
+token is the next one's first, so every token is a target once per epoch). Sample
+g = step * global_batch + row is window perm_e[g mod W] of epoch e = g div W, where perm_e is a
+permutation of the W windows seeded by (seed, e): each epoch sees every window exactly once.
+
+Nothing depends on who asks or in what order, so every layout reads the same sequences: a dp rank
+reads its slice of the global batch's rows, a microbatch a slice of that, and a resumed run needs
+only the step number. The sampler therefore keeps no position of its own; the trainer passes the
+step it will run next to `state_dict` and gets it back from `load_state_dict`, which also checks
+that the resumed run reads the same data in the same order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from angelptm.data.builder import TokenDataset
+from angelptm.errors import UserError
+
+
+def count_windows(dataset: TokenDataset, seq_len: int) -> int:
+    """How many windows of seq_len + 1 tokens at stride seq_len the dataset holds; at least one."""
+    windows = (len(dataset) - 1) // seq_len
+    if windows < 1:
+        raise UserError(
+            f"data {dataset.name} holds {len(dataset)} tokens, fewer than train.seq_len + 1 = {seq_len + 1}; "
+            "lower train.seq_len or use more data"
+        )
+    return windows
+
+
+class TokenSampler:
+    def __init__(self, dataset: TokenDataset, seq_len: int, global_batch: int, seed: int):
+        if seq_len < 1 or global_batch < 1:
+            raise ValueError(f"seq_len={seq_len} and global_batch={global_batch} must be positive")
+        self.dataset = dataset
+        self.seq_len = seq_len
+        self.global_batch = global_batch
+        self.seed = seed
+        self.num_windows = count_windows(dataset, seq_len)
+        self._permutations: dict[int, np.ndarray] = {}  # epoch -> window order; a batch spans at most two
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 2:
+                del self._permutations[min(self._permutations)]
+            self._permutations[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+        return self._permutations[epoch]
+
+    def rows(self, step: int, start: int, count: int) -> torch.Tensor:
+        """Rows start .. start + count of step's global batch: int64 (count, seq_len + 1).
+
+        Inputs are [:, :-1] and targets [:, 1:]. dp rank r with micro_batch m reads microbatch i as
+        rows(step, (r * accum + i) * m, m), where accum = global_batch / (m * dp).
+        """
+        if step < 0 or start < 0 or count < 0 or start + count > self.global_batch:
+            raise ValueError(f"rows {start}..{start + count} of step {step} lie outside a global batch of "
+                             f"{self.global_batch}")
+        epochs, positions = np.divmod(step * self.global_batch + np.arange(start, start + count), self.num_windows)
+        windows = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            windows[here] = self._permutation(int(epoch))[positions[here]]
+        offsets = windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        return torch.from_numpy(np.asarray(self.dataset.tokens[offsets], dtype=np.int64))
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The whole global batch of `step`."""
+        return self.rows(step, 0, self.global_batch)
+
+    def state_dict(self, next_step: int) -> dict:
+        """JSON-serialisable position (the step the run continues with) and what fixes the order."""
+        return {
+            "next_step": next_step,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "global_batch": self.global_batch,
+            "dataset_checksum": self.dataset.checksum,
+            "dataset_tokens": len(self.dataset),
+            "dataset_name": self.dataset.name,
+        }
+
+    def load_state_dict(self, state: dict) -> int:
+        """Check that `state` was saved by a sampler over the same data and order; return its next step."""
+        try:
+            next_step = int(state["next_step"])
+            saved = {key: state[key] for key in ("seed", "seq_len", "global_batch", "dataset_checksum")}
+        except (KeyError, TypeError, ValueError):
+            raise UserError("the checkpoint's sampler state is malformed; resume from another checkpoint "
+                            "or set train.resume=never") from None
+        if saved["dataset_checksum"] != self.dataset.checksum:
+            raise UserError(
+                f"the checkpoint was trained on other data ({state.get('dataset_name')}, "
+                f"{state.get('dataset_tokens')} tokens) than {self.dataset.name} ({len(self.dataset)} tokens); "
+                "resume with the same data.source and data.path, or set train.resume=never"
+            )
+        fields = {"seed": "data.seed", "seq_len": "train.seq_len", "global_batch": "train.global_batch"}
+        for key, field in fields.items():
+            if saved[key] != getattr(self, key):
+                raise UserError(f"{field}={getattr(self, key)} differs from the checkpoint's {saved[key]}; "
+                                f"set {field}={saved[key]} to resume it, or set train.resume=never")
+        return next_step

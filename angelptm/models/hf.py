@@ -1,0 +1,380 @@
+"""Conversion between angelptm checkpoints and Hugging Face Llama checkpoints (config.json + safetensors).
+
+Our Llama already keeps Hugging Face's weight layout (rotate-half RoPE, the same projection
+shapes), so converting weights is a rename in each direction. What needs care is the config:
+a Hugging Face model that uses a feature our model cannot compute (scaled RoPE, biases, another
+activation) is refused with one line instead of being imported into a model that computes
+something else. Neither direction writes anything until every input has been checked, and each
+writes its output folder under a temporary name and renames it when complete.
+
+transformers is not imported here: `config.json` is plain JSON and the weights are safetensors,
+so angelptm reads and writes both without depending on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from angelptm.config import Config, ModelConfig, TrainConfig, config_from_dict
+from angelptm.errors import UserError
+from angelptm.models.llama import build_llama
+from angelptm.train.checkpoint import (
+    SafeFileSystemReader,
+    fsync_tree,
+    checkpoint_config,
+    load_model,
+    save_model_checkpoint,
+)
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+# Hugging Face's own default shard size; one file below it, numbered shards above it.
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+# Per-layer weights: Hugging Face module path -> ours (each gets ".weight").
+_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_HF_EMBEDDING, _OUR_EMBEDDING = "model.embed_tokens.weight", "tok_embeddings.weight"
+_HF_HEAD, _OUR_HEAD = "lm_head.weight", "output.weight"
+# Older checkpoints store RoPE's inverse frequencies as a buffer; we recompute them from rope_theta.
+_IGNORED_HF_SUFFIX = "rotary_emb.inv_freq"
+
+_REQUIRED_INT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    """rope_theta from either transformers 4 (top level) or 5 (`rope_parameters`); refuses scaled RoPE."""
+    if hf.get("rope_scaling"):
+        raise UserError(
+            f"the model uses rope_scaling {hf['rope_scaling']}, which angelptm's Llama does not implement; "
+            "import a model with plain RoPE (no rope_scaling)"
+        )
+    params = hf.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise UserError(f"rope_parameters={params!r} is not a mapping; fix config.json")
+    if params.get("rope_type", "default") != "default":
+        raise UserError(
+            f"the model uses rope_type={params['rope_type']}, which angelptm's Llama does not implement; "
+            "import a model with plain RoPE (rope_type default)"
+        )
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
+    """Our model section for a Hugging Face Llama `config.json` (as a dict); UserError if we cannot represent it."""
+    if not isinstance(hf_config, dict):
+        raise UserError("the file is not a JSON object; pass a Hugging Face model's config.json")
+    model_type = hf_config.get("model_type")
+    if model_type != "llama":
+        architectures = hf_config.get("architectures")
+        raise UserError(
+            f"model_type={model_type} (architectures {architectures}) is not a Llama model; "
+            "angelptm imports Llama models only (model_type llama)"
+        )
+    for key in _REQUIRED_INT_KEYS:
+        value = hf_config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{key}={value!r} is missing or not an integer; a Llama config.json needs an integer {key}")
+    for feature in ("attention_bias", "mlp_bias"):
+        if hf_config.get(feature):
+            raise UserError(
+                f"the model uses {feature}=true, which angelptm's Llama does not have; "
+                f"import a model without biases ({feature} false)"
+            )
+    activation = hf_config.get("hidden_act", "silu")
+    if activation != "silu":
+        raise UserError(
+            f"the model uses hidden_act={activation}; angelptm's Llama uses SwiGLU (silu), "
+            "import a model with hidden_act silu"
+        )
+    dim, n_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    head_dim = hf_config.get("head_dim")
+    if head_dim is not None and n_heads and head_dim != dim // n_heads:
+        raise UserError(
+            f"the model has head_dim={head_dim} but hidden_size / num_attention_heads = {dim // n_heads}; "
+            "angelptm's Llama needs head_dim = hidden_size / num_attention_heads"
+        )
+    section = {
+        "arch": "llama",
+        "dim": dim,
+        "n_layers": hf_config["num_hidden_layers"],
+        "n_heads": n_heads,
+        "n_kv_heads": hf_config.get("num_key_value_heads") or n_heads,
+        "ffn_dim": hf_config["intermediate_size"],
+        "vocab_size": hf_config["vocab_size"],
+        "max_seq_len": hf_config.get("max_position_embeddings", 2048),
+        "rope_theta": _rope_theta(hf_config),
+        "norm_eps": hf_config.get("rms_norm_eps", 1e-6),
+        # LlamaConfig's default, which transformers applies when the key is absent.
+        "tie_embeddings": bool(hf_config.get("tie_word_embeddings", False)),
+    }
+    return _run_config(section).model
+
+
+def _run_config(model_section: dict[str, Any]) -> Config:
+    """The default run config with this model section (validated).
+
+    The default train.seq_len is shortened when the model's context is shorter, so that a
+    small imported model still gives a valid config.
+    """
+    seq_len = min(TrainConfig().seq_len, model_section["max_seq_len"])
+    return config_from_dict({"model": model_section, "train": {"seq_len": seq_len}})
+
+
+def hf_config_from(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """A `config.json` for `transformers.LlamaForCausalLM` computing what our model computes."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": model_cfg.dim,
+        "intermediate_size": model_cfg.ffn_dim,
+        "num_hidden_layers": model_cfg.n_layers,
+        "num_attention_heads": model_cfg.n_heads,
+        "num_key_value_heads": model_cfg.n_kv_heads,
+        "head_dim": model_cfg.dim // model_cfg.n_heads,
+        "vocab_size": model_cfg.vocab_size,
+        "max_position_embeddings": model_cfg.max_seq_len,
+        # Top-level rope_theta is read by transformers 4 and converted by transformers 5.
+        "rope_theta": model_cfg.rope_theta,
+        "rms_norm_eps": model_cfg.norm_eps,
+        "tie_word_embeddings": model_cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        # transformers before 4.56 reads torch_dtype, later versions read dtype.
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def _name_pairs(model_cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(Hugging Face name, our name) of every weight, the output head last."""
+    pairs = [(_HF_EMBEDDING, _OUR_EMBEDDING)]
+    for i in range(model_cfg.n_layers):
+        pairs += [(f"model.layers.{i}.{hf}.weight", f"layers.{i}.{ours}.weight") for hf, ours in _LAYER_NAMES.items()]
+    return pairs + [("model.norm.weight", "norm.weight"), (_HF_HEAD, _OUR_HEAD)]
+
+
+def state_from_hf(hf_state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our model state from Hugging Face weights, dtypes kept; UserError on a missing, misshapen or extra tensor.
+
+    With tied embeddings the output head is the embedding (Hugging Face usually omits lm_head).
+    """
+    expected = {name: tuple(t.shape) for name, t in build_llama(model_cfg, "meta").state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for hf_name, our_name in _name_pairs(model_cfg):
+        if our_name == _OUR_HEAD and model_cfg.tie_embeddings:
+            state[our_name] = state[_OUR_EMBEDDING]
+            continue
+        if hf_name not in hf_state:
+            raise UserError(
+                f"the Hugging Face weights lack {hf_name}; the safetensors files do not match config.json "
+                "(re-save the model with save_pretrained)"
+            )
+        tensor = hf_state[hf_name]
+        if tuple(tensor.shape) != expected[our_name]:
+            raise UserError(
+                f"{hf_name} has shape {tuple(tensor.shape)} but config.json implies {expected[our_name]}; "
+                "the weights do not belong to this config.json"
+            )
+        state[our_name] = tensor
+    known = {hf for hf, _ in _name_pairs(model_cfg)}
+    extra = sorted(n for n in hf_state if n not in known and not n.endswith(_IGNORED_HF_SUFFIX))
+    if extra:
+        raise UserError(
+            f"the Hugging Face weights hold tensors angelptm's Llama has no place for ({len(extra)} in all, "
+            f"first {extra[0]}); import a plain Llama model"
+        )
+    return state
+
+
+def state_to_hf(our_state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face weights from our model state; with tied embeddings lm_head is left out, as transformers does."""
+    return {
+        hf_name: our_state[our_name]
+        for hf_name, our_name in _name_pairs(model_cfg)
+        if not (our_name == _OUR_HEAD and model_cfg.tie_embeddings)
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing folders
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({type(e).__name__}); restore the {what}") from None
+
+
+def _hf_weight_files(hf_dir: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face folder: one file, or the shards its index names."""
+    if (hf_dir / HF_WEIGHTS).is_file():
+        return [hf_dir / HF_WEIGHTS]
+    if (hf_dir / HF_INDEX).is_file():
+        index = _read_json(hf_dir / HF_INDEX, "shard index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{hf_dir / HF_INDEX} has no weight_map; re-save the model with save_pretrained")
+        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{hf_dir} lacks the shard {missing[0]} its index names; copy the complete model folder")
+        return files
+    raise UserError(
+        f"{hf_dir} holds no {HF_WEIGHTS} or {HF_INDEX}; angelptm reads safetensors only, "
+        "re-save the model with save_pretrained(..., safe_serialization=True)"
+    )
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    state[name] = f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path} is not a readable safetensors file ({e}); restore it from the source") from None
+    return state
+
+
+@contextmanager
+def _located(path: Path) -> Iterator[None]:
+    """Prefix the UserErrors raised inside with the file or folder they are about."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def _check_new_folder(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"output folder {out_dir} already exists and is not empty; pass a new folder or delete it")
+
+
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Convert a Hugging Face Llama folder into an angelptm model-only checkpoint at `out_dir`.
+
+    The checkpoint's run config is the defaults with the model section from config.json, so it
+    can be trained further or exported again. Returns the checkpoint folder.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if not hf_dir.is_dir():
+        raise UserError(f"Hugging Face model folder {hf_dir} does not exist; pass the folder holding config.json")
+    config_path = hf_dir / HF_CONFIG
+    if not config_path.is_file():
+        raise UserError(f"{hf_dir} has no {HF_CONFIG}; pass a folder written by save_pretrained")
+    _check_new_folder(out_dir)
+    raw_config = _read_json(config_path, "model's config.json")
+    with _located(config_path):
+        model_cfg = config_from_hf(raw_config)
+    hf_state = _read_safetensors(_hf_weight_files(hf_dir))
+    with _located(hf_dir):
+        state = state_from_hf(hf_state, model_cfg)
+    return save_model_checkpoint(out_dir, _run_config(dataclasses.asdict(model_cfg)), state)
+
+
+def _stored_dtypes(ckpt_dir: Path) -> dict[str, torch.dtype]:
+    """The dtype each model tensor has in the checkpoint's files (the loaded model is float32)."""
+    metadata = SafeFileSystemReader(ckpt_dir / "state").read_metadata()
+    prefix = "model."
+    return {
+        key[len(prefix):]: entry.properties.dtype
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(prefix)
+    }
+
+
+def _shards(hf_state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split the weights, in order, into groups of at most `max_shard_bytes` (a larger tensor sits alone)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in hf_state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def _write_weights(folder: Path, hf_state: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    shards = _shards(hf_state, max_shard_bytes)
+    metadata = {"format": "pt"}  # transformers checks that the file holds PyTorch tensors
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / HF_WEIGHTS), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in hf_state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / HF_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def export_hf(
+    ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> Path:
+    """Write an angelptm checkpoint (model-only or a trainer's step_<N>) as a Hugging Face Llama folder.
+
+    Weights keep the dtype the checkpoint stores them in. Above `max_shard_bytes` they are split
+    into numbered shards with an index, as save_pretrained does. Returns `out_dir`.
+    """
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    if not ckpt_dir.is_dir():
+        raise UserError(f"checkpoint {ckpt_dir} does not exist; pass a checkpoint folder (e.g. .../checkpoints/step_<N>)")
+    _check_new_folder(out_dir)
+    arch = checkpoint_config(ckpt_dir).model.arch
+    if arch != "llama":
+        raise UserError(f"checkpoint {ckpt_dir} holds a model.arch={arch} model; only llama models export to Hugging Face")
+    cfg, model = load_model(ckpt_dir, "cpu")
+    dtypes = _stored_dtypes(ckpt_dir)
+    our_state = {name: t.detach().to(dtypes[name]).contiguous() for name, t in model.state_dict().items()}
+    hf_state = state_to_hf(our_state, cfg.model)
+    tmp = out_dir.with_name(f".tmp_{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        hf_config = hf_config_from(cfg.model, our_state[_OUR_EMBEDDING].dtype)
+        (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
+        _write_weights(tmp, hf_state, max_shard_bytes)
+        fsync_tree(tmp)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
