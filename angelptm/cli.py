@@ -30,9 +30,9 @@ def _train(args: argparse.Namespace) -> int:
 def _print_sample(checkpoint: Path, prompt: str, max_new_tokens: int, temperature: float,
                   top_k: Optional[int] = 50, seed: int = 0, device: str = "cpu") -> None:
     from angelptm.generate import generate_text
-    from angelptm.train.checkpoint import latest_checkpoint, load_model
+    from angelptm.train.checkpoint import load_model, resolve_checkpoint
 
-    folder = latest_checkpoint(checkpoint) or latest_checkpoint(checkpoint / "checkpoints") or checkpoint
+    folder = resolve_checkpoint(checkpoint)
     cfg, model = load_model(folder, device)
     text = generate_text(model, prompt, max_new_tokens, cfg.model.max_seq_len, temperature, top_k, seed)
     print(f"--- sample from {folder} (temperature {temperature}) ---")
@@ -117,9 +117,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")  # only if a command loaded it: keep errors fast
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 

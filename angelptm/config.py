@@ -99,7 +99,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 300
-    global_batch: int = 16
+    global_batch: int = 8
     micro_batch: int = 8
     seq_len: int = 256
     seed: int = 0
@@ -157,8 +157,29 @@ def _type_name(tp: Any) -> str:
     )
 
 
+@dataclass(frozen=True)
+class _Override:
+    """A `--set` value: its text as typed, and that text read as YAML.
+
+    String keys take the text verbatim (so `train.output_dir=2024-01-01` stays a string);
+    every other key takes the YAML reading (ints, floats, bools, lists, null).
+    """
+
+    text: str
+    parsed: Any
+
+
+def _takes_text(tp: Any) -> bool:
+    if tp is str:
+        return True
+    args = get_args(tp)
+    return get_origin(tp) in (Union, types.UnionType) and set(args) == {str, type(None)}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    if isinstance(value, _Override):
+        value = value.text if _takes_text(tp) and value.parsed is not None else value.parsed
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         options = get_args(tp)
@@ -203,14 +224,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}={value!r} must be an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={value!r} must be a number")
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -348,8 +372,8 @@ def validate(cfg: Config) -> Config:
 # Loading, overriding, saving
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=c` -> (["a", "b"], c) with c read as YAML (ints, floats, bools, lists, null)."""
+def parse_override(text: str) -> tuple[list[str], _Override]:
+    """`a.b=c` -> (["a", "b"], c) with c kept as typed and read as YAML (ints, floats, bools, lists, null)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} has no '='; write it as --set section.key=value")
     key, _, value = text.partition("=")
@@ -360,13 +384,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
-    return path, parsed
+    return path, _Override(value, parsed)
 
 
-def _apply_override(raw: dict, path: list[str], value: Any) -> None:
+def _apply_override(raw: dict, path: list[str], value: _Override) -> None:
     node = raw
     for i, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or a YAML section left empty
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
         node = child

@@ -183,7 +183,8 @@ def num_params(cfg: ModelConfig) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6 per matmul weight + 12·layers·dim·seq for attention.
 
-    The input embedding is a lookup, not a matmul, so an untied one is left out.
+    Norm weights and an untied input embedding (a lookup) do no matmul work, so they are left out.
     """
-    matmul_params = num_params(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
+    norms = (2 * cfg.n_layers + 1) * cfg.dim
+    matmul_params = num_params(cfg) - norms - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
     return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq_len

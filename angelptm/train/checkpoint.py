@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from angelptm.config import Config, load_config, save_config
-from angelptm.errors import UserError
+from angelptm.errors import ConfigError, UserError
 
 FORMAT_VERSION = 1
 STEP_PREFIX = "step_"
@@ -147,6 +147,20 @@ def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
     return max(steps)[1] if steps else None
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """`path` if it is a checkpoint folder, else the newest one in a run's output_dir (or its checkpoints/)."""
+    path = Path(path)
+    if (path / "train_state.json").is_file() or step_of(path) is not None:
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root)
+        if found:
+            return found
+    if path.is_dir():
+        raise UserError(f"no checkpoint in {path}; train first, or pass a step_<N> folder")
+    raise UserError(f"checkpoint {path} does not exist; pass a step_<N> folder or a run's output_dir")
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving
 
@@ -178,11 +192,11 @@ def save_checkpoint(
     save_file(rng, str(tmp / "rng" / f"rank_{rank}.safetensors"))
     _barrier()
     if rank == 0:
+        save_config(cfg, tmp / "config.yaml")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
         record = dict(train_state, format=FORMAT_VERSION, world_size=_world(), manifest=manifest)
         (tmp / "train_state.json").write_text(json.dumps(record, indent=1))
-        save_config(cfg, tmp / "config.yaml")
         fsync_tree(tmp)
         if folder.exists():
             shutil.rmtree(folder)
@@ -205,10 +219,7 @@ def _prune(ckpt_root: Path, keep: int) -> None:
 
 
 def _corrupt(folder: Path, what: str) -> UserError:
-    return UserError(
-        f"checkpoint {folder} is corrupt or incomplete ({what}); delete it, or point "
-        "train.resume at another checkpoint (or set train.resume=never)"
-    )
+    return UserError(f"checkpoint {folder} is corrupt or incomplete ({what}); delete it or use another checkpoint")
 
 
 def read_train_state(folder: Path) -> dict[str, Any]:
@@ -272,10 +283,12 @@ def restore_rng(folder: Path) -> None:
 
 
 def checkpoint_config(folder: Path) -> Config:
-    path = Path(folder) / "config.yaml"
-    if not path.is_file():
-        raise _corrupt(Path(folder), "config.yaml is missing")
-    return load_config(path)
+    """The config a checkpoint was written with (its file is in the manifest, so read_train_state
+    has already checked it against its checksum)."""
+    try:
+        return load_config(Path(folder) / "config.yaml")
+    except ConfigError as e:
+        raise _corrupt(Path(folder), f"config.yaml: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,10 +301,10 @@ def save_model_checkpoint(folder: Path, cfg: Config, model_state: dict[str, torc
 
 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[Config, torch.nn.Module]:
-    """Build the plain model a checkpoint describes and load its full weights (one process)."""
+    """Build the plain model a checkpoint (or a run's newest) describes and load its full weights."""
     from angelptm.models.llama import build_llama
 
-    folder = Path(folder)
+    folder = resolve_checkpoint(folder)
     read_train_state(folder)
     cfg = checkpoint_config(folder)
     model = build_llama(cfg.model, "meta")

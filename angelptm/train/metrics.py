@@ -8,6 +8,7 @@ on this machine at start-up (so CPU "MFU" reads as the fraction of what this CPU
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,20 @@ def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
     return measure_cpu_matmul_flops()
 
 
+def _records_up_to(path: Path, step: int) -> list[str]:
+    """The lines of `path` for steps <= `step`; a line cut short by a crash is dropped."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds >= 3600:
@@ -64,12 +79,12 @@ class MetricsLogger:
         self.interactive = stream.isatty()
         self._file = None
         if enabled:
-            kept = []
-            if resume_step and path.is_file():
-                kept = [line for line in path.read_text().splitlines(keepends=True)
-                        if line.strip() and json.loads(line)["step"] <= resume_step]
-            self._file = open(path, "w")
-            self._file.writelines(kept)
+            kept = _records_up_to(path, resume_step) if resume_step else []
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+            self._file = open(path, "a")
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

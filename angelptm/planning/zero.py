@@ -1,0 +1,167 @@
+"""ZeROCache's memory arithmetic: how one rank's parameters pack into pages, what each ZeRO stage
+keeps of them, and which tier (device, pinned host, NVMe) a device budget leaves them on.
+
+This mirrors `angelptm.zerocache` without building anything: `pack_unit` follows
+`pages.build_pages`, `zero_bytes` follows `placement.plan_placement` and `buffers.PageBuffers`,
+and tests hold the two equal on real models. ZeROCache shards over the data group, dp·cp ranks
+(context-parallel ranks hold the same weights). Systems planned with a flat gradient buffer
+(Megatron-LM's distributed optimizer) skip the pages and reduce gradients in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from angelptm.config import Config
+from angelptm.planning.layout import Layout, stage_units
+from angelptm.planning.model import Implementation, ModelShape, dtype_bytes
+
+SHARD_ALIGN_NUMEL = 1024  # every shard is a whole number of 4 KiB blocks of fp32 state
+PARAM_ALIGN_BYTES = 64  # parameters start on 64-byte boundaries inside a page
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """One rank's parameters in pages: parameter elements, page elements (padding included), page
+    count, largest page, and the most pages one unit (a block, the embedding, the head) spans."""
+
+    params: int
+    total: int
+    count: int
+    largest: int
+    widest_unit: int
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return math.ceil(value / multiple) * multiple
+
+
+def pack_unit(numels: tuple[int, ...], itemsize: int, page_mb: float, shards: int) -> list[int]:
+    """Page sizes (elements) of one unit: parameters packed whole in order, a new page when the
+    next does not fit, an oversized parameter on a page of its own, each page padded to shards·1024."""
+    quantum = shards * SHARD_ALIGN_NUMEL
+    capacity = max(quantum, int(page_mb * 2**20 / itemsize) // quantum * quantum)
+    align = max(1, PARAM_ALIGN_BYTES // itemsize)
+    pages: list[int] = []
+    filled = None  # elements of the open page, None when no page is open
+    for n in numels:
+        offset = _round_up(filled, align) if filled is not None else 0
+        if filled is None or n > capacity or offset + n > capacity:
+            if filled is not None:
+                pages.append(filled)
+            offset = 0
+        filled = offset + n
+        if n > capacity:
+            pages.append(filled)
+            filled = None
+    if filled is not None:
+        pages.append(filled)
+    return [_round_up(max(p, 1), quantum) for p in pages]
+
+
+@functools.lru_cache(maxsize=None)
+def page_layout(m: ModelShape, tp: int, n_layers: int, units: tuple[str, ...], itemsize: int,
+                page_mb: float, shards: int) -> PageLayout:
+    """Pages of a rank holding `n_layers` blocks and the outside `units` ("embedding", "norm",
+    "output"). Pages close at every unit's end, so all blocks pack alike: one is packed."""
+    embedding, block, norm, output = m.unit_params(tp)
+    outside = [numels for name, numels in (("embedding", embedding), ("norm", norm), ("output", output))
+               if name in units]
+    unit_pages = [pack_unit(block, itemsize, page_mb, shards)] * n_layers
+    unit_pages += [pack_unit(numels, itemsize, page_mb, shards) for numels in outside]
+    return PageLayout(
+        params=n_layers * sum(block) + sum(sum(numels) for numels in outside),
+        total=sum(sum(p) for p in unit_pages), count=sum(len(p) for p in unit_pages),
+        largest=max(max(p) for p in unit_pages), widest_unit=max(len(p) for p in unit_pages),
+    )
+
+
+def needs_master(param_bytes: int, param_tier: str, state_tier: str) -> bool:
+    """A separate fp32 master copy unless the parameters are fp32 and live where AdamW runs."""
+    compute_tier = "device" if state_tier == "device" else "host"
+    return param_bytes != 4 or param_tier != compute_tier
+
+
+@dataclass
+class ZeroBytes:
+    """One rank's ZeRO state in bytes, by kind and tier, and what limits it."""
+
+    params_device: float
+    params_host: float
+    grads: float
+    optimizer_device: float
+    optimizer_host: float
+    optimizer_nvme: float
+    optimizer_on_device: float  # fraction of the optimizer state (and of the AdamW work) on device
+    total_numel: float  # elements of the pages (or flat buffer) this rank holds whole before sharding
+    in_flight: float  # gathered parameter pages and gradient buckets beyond the shards
+    own_numel: float  # elements this rank's optimizer updates
+    pages: PageLayout
+    problems: list[str]
+
+
+def zero_bytes(m: ModelShape, lay: Layout, cfg: Config, impl: Implementation, n_layers: int,
+               stage_name: str) -> ZeroBytes:
+    """What ZeRO stage `lay.zero_stage` keeps on one rank of `stage_name` that holds `n_layers`
+    blocks, and on which tier."""
+    z, stage = cfg.zero, lay.zero_stage
+    shards = lay.dp * lay.cp
+    pb = dtype_bytes(cfg)
+    gb = impl.grad_bytes or pb
+    pages = page_layout(m, lay.tp, n_layers, stage_units(m, lay, stage_name), pb, z.page_mb, shards)
+    in_flight = 0.0
+    if impl.paged:
+        total = pages.total
+        if stage >= 2:  # a fresh gradient bucket per page being reduced
+            flight_pages = pages.widest_unit + max(2, z.prefetch_pages)
+            if stage == 3:  # whole units gathered, two at once for a tied pair, plus the prefetch
+                flight_pages += 2 * pages.widest_unit + z.prefetch_pages
+            in_flight = flight_pages * pages.largest * pb
+    else:
+        total = _round_up(pages.params, shards)
+    own = total if stage == 0 else total / shards
+    # Stages 0-1 keep a bucket of whole gradients; ZeROCache's stages 1-3 add the reduced shard,
+    # a flat buffer reduce-scatters in place.
+    grads = total * gb if stage <= 1 else 0.0
+    if stage >= 2 or (stage == 1 and impl.paged):
+        grads += own * gb
+    params_whole = total * pb if stage <= 2 else 0.0
+    shard_params = own * pb if stage == 3 else 0.0
+    movable = stage == 3 and z.offload_params == "cpu"
+    fixed = params_whole + grads + in_flight + (0.0 if movable else shard_params)
+
+    def slab(param_tier: str, state_tier: str) -> float:
+        return own * 4 * (3 if needs_master(pb, param_tier, state_tier) else 2)
+
+    state_tier = {"none": "device", "cpu": "host", "nvme": "nvme"}[z.offload_optimizer]
+    params_on_device = 0.0 if movable else shard_params
+    on_device = 1.0 if state_tier == "device" else 0.0  # fraction of the optimizer state
+    problems: list[str] = []
+    if z.device_budget_gb is not None:
+        # The budget goes first to stage-3 parameter shards (used three times a step), then to
+        # optimizer state (used once); what does not fit goes to the offload tiers.
+        left = z.device_budget_gb * 1e9 - fixed
+        if left < 0:
+            problems.append(f"zero.device_budget_gb={z.device_budget_gb} is below the {fixed / 1e9:.2f} GB "
+                            "this layout keeps on the device; raise it or use zero.stage=3 with offload_params=cpu")
+            left = 0.0
+        if movable:
+            params_on_device = min(shard_params, left)
+            left -= params_on_device
+        want = slab("device" if params_on_device >= shard_params else "host", "device")
+        on_device = min(1.0, left / want) if want else 1.0
+        if on_device < 1 and state_tier == "device":
+            problems.append(f"zero.device_budget_gb={z.device_budget_gb} leaves {left / 1e9:.2f} GB for optimizer "
+                            f"state that needs {want / 1e9:.2f} GB; set zero.offload_optimizer=cpu or raise the budget")
+            on_device = 1.0
+    param_tier = "device" if params_on_device >= shard_params else "host"
+    optimizer_off = (1 - on_device) * slab(param_tier, state_tier)
+    return ZeroBytes(
+        params_device=params_whole + params_on_device, params_host=shard_params - params_on_device,
+        grads=grads, optimizer_device=on_device * slab(param_tier, "device"),
+        optimizer_host=optimizer_off if state_tier == "host" else 0.0,
+        optimizer_nvme=optimizer_off if state_tier == "nvme" else 0.0,
+        optimizer_on_device=on_device, total_numel=total, in_flight=in_flight, own_numel=own, pages=pages, problems=problems,
+    )
