@@ -1,0 +1,55 @@
+"""Swap a model's eligible `nn.Linear` layers for `Float8Linear`, and advance delayed scaling once per step.
+
+Eligible: a plain `nn.Linear` whose two dimensions are multiples of 16 (what FP8 GEMMs need)
+and whose name no `skip` entry matches. The output head is skipped by default: the logits feed
+a softmax over the whole vocabulary and are where FP8 costs the most accuracy for the least
+speed. Embeddings are lookups, never converted.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from torch import nn
+
+from angelptm.fp8.delayed import DelayedScale, update_delayed_scales
+from angelptm.fp8.linear import _ALIGN, Float8Linear
+from angelptm.fp8.scaling import AmaxGroups, Float8Recipe, recipe_from_name
+
+DEFAULT_SKIP = ("output", "embedding")
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    """A skip entry matches the module's full name, its last component, or a parent's name."""
+    parts = name.split(".")
+    for entry in skip:
+        if name == entry or parts[-1] == entry or name.startswith(entry + "."):
+            return True
+    return False
+
+
+def convert_to_float8(model: nn.Module, recipe: str | Float8Recipe = "tensorwise", *,
+                      skip: Iterable[str] = DEFAULT_SKIP, amax_groups: Optional[AmaxGroups] = None,
+                      **recipe_options) -> nn.Module:
+    """Replace eligible linear layers in place (parameters are shared, not copied); returns `model`.
+
+    `recipe` is a recipe object or a name ("tensorwise", "delayed", "rowwise", "blockwise") with
+    its options as keywords (e.g. `amax_history_len=16`, `power_of_two_scales=True`).
+    """
+    recipe = recipe_from_name(recipe, **recipe_options)
+    skip = tuple(skip)
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if (type(child) is nn.Linear and child.in_features % _ALIGN == 0 and child.out_features % _ALIGN == 0
+                    and not _skipped(name, skip)):
+                setattr(parent, child_name, Float8Linear.from_linear(child, recipe, amax_groups))
+    return model
+
+
+def update_float8_scales(model: nn.Module) -> None:
+    """Call once after each optimizer step: all-reduces and rotates the delayed-scaling histories.
+
+    A no-op for the other recipes, so a training loop can call it unconditionally.
+    """
+    update_delayed_scales(m for m in model.modules() if isinstance(m, DelayedScale))

@@ -1,0 +1,175 @@
+"""`Float8Linear`: an `nn.Linear` whose three GEMMs (forward, input gradient, weight gradient) run in FP8.
+
+For y = x W^T + b with x (M, K), W (N, K), dy (M, N), every GEMM is `a @ b.T` of two operands
+quantized along the contracted dimension (see `scaling.py`):
+
+    forward      y  = x      @ W^T          a = x   (M, K),  b = W   (N, K)
+    input grad   dx = dy     @ W            a = dy  (M, N),  b = W^T (K, N)
+    weight grad  dW = dy^T   @ x            a = dy^T (N, M), b = x^T (K, M)
+
+so each of x, W and dy is quantized twice, once per GEMM it feeds (with tensor-wide scales the
+second copy is the transpose of the first and comes out of the same kernel pass). The forward
+keeps only the FP8 x^T for the backward, not x itself.
+
+The FP8 copies of the weight are cast once per optimizer step and reused by every microbatch:
+they are cached against the weight's version counter, which every in-place optimizer update
+bumps, and its storage; no second full-precision copy of the weight is kept. The master weight
+stays in its own dtype, so under autocast an FP32 weight goes straight to FP8.
+
+Sharded layouts plug in from outside: a tensor-parallel wrapper hands a shard as the weight and
+the tp group in `amax_groups.weight`, so every shard is scaled like the whole weight.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from angelptm.errors import UserError
+from angelptm.fp8 import kernels
+from angelptm.fp8.delayed import DelayedScale
+from angelptm.fp8.gemm import scaled_mm
+from angelptm.fp8.scaling import (BLOCK, AmaxGroups, BlockwiseRecipe, DelayedRecipe, Float8Recipe, Quantized,
+                                  RowwiseRecipe, recipe_from_name)
+
+ROLES = ("input", "weight", "grad_output")
+_ALIGN = 16  # FP8 GEMMs need every dimension, the contracted one included, to be a multiple of 16
+
+
+class Float8Linear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 recipe: str | Float8Recipe = "tensorwise", amax_groups: Optional[AmaxGroups] = None,
+                 device=None, dtype=None):
+        if in_features % _ALIGN or out_features % _ALIGN:
+            raise UserError(f"Float8Linear needs in_features and out_features divisible by {_ALIGN}, "
+                            f"got {in_features}x{out_features}; keep this layer in full precision")
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.recipe = recipe_from_name(recipe)
+        self.amax_groups = amax_groups or AmaxGroups()
+        if isinstance(self.recipe, (RowwiseRecipe, BlockwiseRecipe)) and any(
+                getattr(self.amax_groups, role) for role in ROLES):
+            raise UserError(f"amax_groups apply to the tensorwise and delayed recipes, not {self.recipe.name}")
+        self._init_scaling_state(device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: str | Float8Recipe = "tensorwise",
+                    amax_groups: Optional[AmaxGroups] = None) -> "Float8Linear":
+        """Wrap an existing layer, sharing its parameters (optimizers keep tracking them)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, recipe=recipe,
+                  amax_groups=amax_groups, device="meta")
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._init_scaling_state(linear.weight.device)
+        return new
+
+    def _init_scaling_state(self, device) -> None:
+        """Delayed scaling keeps one `DelayedScale` per operand role as a submodule (so in state_dict)."""
+        self._weight_cache: Optional[tuple] = None
+        if not isinstance(self.recipe, DelayedRecipe):
+            return
+        r = self.recipe
+        formats = {"input": r.input_format, "weight": r.weight_format, "grad_output": r.grad_format}
+        for role in ROLES:
+            state = DelayedScale(formats[role], r.amax_history_len, r.margin, r.power_of_two_scales, r.amax_floor,
+                                 groups=getattr(self.amax_groups, role), device=device)
+            setattr(self, f"{role}_scale", state)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.recipe.name}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        with torch.autocast(device_type, enabled=False):
+            return _Float8LinearFn.apply(x, self.weight, self.bias, self, out_dtype)
+
+    # ------------------------------------------------------------------------------------------
+
+    def quantize(self, role: str, x: torch.Tensor, *, need_rows: bool, need_t: bool
+                 ) -> tuple[Optional[Quantized], Optional[Quantized]]:
+        """Quantize the 2-D operand `x` playing `role`: the copy quantized along its rows' length
+        (`need_rows`) and the transposed copy quantized along its columns (`need_t`)."""
+        recipe = self.recipe
+        fmt = {"input": recipe.input_format, "weight": recipe.weight_format, "grad_output": recipe.grad_format}[role]
+        opts = dict(power_of_two=recipe.power_of_two_scales, amax_floor=recipe.amax_floor)
+        if isinstance(recipe, RowwiseRecipe):
+            return (kernels.cast_groups(x, fmt, group=None, dim=1, **opts) if need_rows else None,
+                    kernels.cast_groups(x, fmt, group=None, dim=0, **opts) if need_t else None)
+        if isinstance(recipe, BlockwiseRecipe):
+            if role == "weight":
+                return kernels.cast_blocks(x, fmt, transpose=need_t, **opts)
+            return (kernels.cast_groups(x, fmt, group=BLOCK, dim=1, **opts) if need_rows else None,
+                    kernels.cast_groups(x, fmt, group=BLOCK, dim=0, **opts) if need_t else None)
+        if isinstance(recipe, DelayedRecipe):
+            state: DelayedScale = getattr(self, f"{role}_scale")
+            return kernels.cast_tensorwise(x, fmt, scale=state.scale if state.ready else None, transpose=need_t,
+                                           record_amax=state.current_amax, amax_groups=state.groups, **opts)
+        return kernels.cast_tensorwise(x, fmt, transpose=need_t, amax_groups=getattr(self.amax_groups, role), **opts)
+
+    def quantized_weight(self, need_t: bool) -> tuple[Quantized, Optional[Quantized]]:
+        """The weight's FP8 copies, cast at most once per weight update."""
+        w = self.weight
+        key = (w._version, w.data_ptr())
+        cache = self._weight_cache
+        if cache is None or cache[0] != key or (need_t and cache[2] is None):
+            rows, t = self.quantize("weight", w.detach(), need_rows=True, need_t=need_t)
+            cache = self._weight_cache = (key, rows, t)
+        return cache[1], cache[2]
+
+    def refresh_weight(self) -> None:
+        """Drop the cached FP8 weight, for code that rewrites the weight without bumping its version."""
+        self._weight_cache = None
+
+
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """Zero rows up to a multiple of 16: the token count is the contracted dimension of the
+    weight-gradient GEMM. Zero rows add nothing to any product."""
+    extra = -x.shape[0] % _ALIGN
+    return F.pad(x, (0, 0, 0, extra)) if extra else x
+
+
+def _tensors(q: Optional[Quantized]) -> tuple:
+    return (None, None) if q is None else (q.data, q.scale_inv)
+
+
+def _operand(data: Optional[torch.Tensor], scale_inv: Optional[torch.Tensor], kind: str) -> Optional[Quantized]:
+    return None if data is None else Quantized(data, scale_inv, kind)
+
+
+class _Float8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], layer: Float8Linear,
+                out_dtype: torch.dtype) -> torch.Tensor:
+        need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        lead, tokens = x.shape[:-1], x.numel() // x.shape[-1]
+        x2d = _pad_rows(x.reshape(tokens, x.shape[-1]))
+        w_rows, w_t = layer.quantized_weight(need_t=need_dgrad)
+        x_rows, x_t = layer.quantize("input", x2d, need_rows=True, need_t=need_wgrad)
+        y = scaled_mm(x_rows, w_rows, out_dtype)[:tokens]
+        if bias is not None:
+            y = y + bias.to(out_dtype)
+        ctx.layer, ctx.tokens, ctx.x_shape, ctx.x_dtype = layer, tokens, x.shape, x.dtype
+        ctx.grad_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.kinds = (w_t.kind if w_t is not None else None, x_t.kind if x_t is not None else None)
+        ctx.save_for_backward(*_tensors(w_t), *_tensors(x_t))
+        return y.view(*lead, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        w_t_data, w_t_scale, x_t_data, x_t_scale = ctx.saved_tensors
+        need_dgrad, need_wgrad, need_bgrad = ctx.needs_input_grad[:3]
+        dy2d = dy.reshape(ctx.tokens, dy.shape[-1])
+        dy_rows, dy_t = ctx.layer.quantize("grad_output", _pad_rows(dy2d), need_rows=need_dgrad, need_t=need_wgrad)
+        dx = dw = db = None
+        if need_dgrad:
+            w_t = _operand(w_t_data, w_t_scale, ctx.kinds[0])
+            dx = scaled_mm(dy_rows, w_t, ctx.x_dtype)[:ctx.tokens].view(ctx.x_shape)
+        if need_wgrad:
+            x_t = _operand(x_t_data, x_t_scale, ctx.kinds[1])
+            dw = scaled_mm(dy_t, x_t, ctx.grad_dtypes[0])
+        if need_bgrad:
+            db = dy2d.sum(0, dtype=torch.float32).to(ctx.grad_dtypes[1])
+        return dx, dw, db, None, None

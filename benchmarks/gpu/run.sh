@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU suite: FP8 linear layers vs bf16, cast-kernel bandwidth vs copy, and a ~1B-parameter Llama
+# training step in bf16 and FP8. Builds nothing, needs no network, finishes within 8 minutes on one
+# H100 (every section has a time budget under one global deadline). Prints a short table last and
+# writes the full results to OUTDIR/fp8_suite.json.
+#
+#   benchmarks/gpu/run.sh OUTDIR            # on a machine with a CUDA GPU
+#   benchmarks/gpu/run.sh OUTDIR --dry-run  # the whole path on CPU with tiny shapes
+set -euo pipefail
+
+if [[ $# -lt 1 || "$1" == -* ]]; then
+    echo "usage: benchmarks/gpu/run.sh OUTDIR [--dry-run] [--budget-s SECONDS]" >&2
+    exit 2
+fi
+OUTDIR=$1
+shift
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+mkdir -p "$OUTDIR"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Nothing is installed here: fail in one line, before any work, if the interpreter lacks a module.
+python3 - <<'PY'
+import importlib.util, sys
+missing = [m for m in ("torch", "yaml") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"run.sh: python3 lacks {', '.join(missing)}; the suite installs nothing")
+PY
+exec python3 "$ROOT/benchmarks/gpu/fp8_suite.py" "$OUTDIR" "$@"

@@ -1,0 +1,122 @@
+"""Hold every FP8 Triton kernel to its torch reference, bit for bit, under the Triton CPU interpreter.
+
+Run as a script (test_fp8_kernels.py does, in a fresh process) because TRITON_INTERPRET must be
+set before triton is first imported. Prints one JSON object: check name -> "ok" or what differed.
+"""
+
+import json
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from angelptm.fp8 import E4M3, E5M2, Float8Linear, kernels, update_float8_scales  # noqa: E402
+
+# Awkward shapes: not multiples of any tile, a single row, taller than wide and the reverse.
+SHAPES = [(37, 250), (1, 17), (130, 96)]
+
+
+def awkward_input(shape, dtype, seed):
+    """Magnitudes over 16 binades (subnormals after scaling), exact zeros, negative zeros, ties."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-12, 4, shape, generator=gen).float())
+    flat = x.view(-1)
+    flat[::7] = 0.0
+    flat[3::11] = -0.0
+    return x.to(dtype)
+
+
+def same(a, b) -> str:
+    if a is None or b is None:
+        return "ok" if a is b else "one side missing"
+    if a.kind != b.kind or a.data.shape != b.data.shape:
+        return f"layout {a.kind}{tuple(a.data.shape)} vs {b.kind}{tuple(b.data.shape)}"
+    bits = a.data.view(torch.uint8) != b.data.view(torch.uint8)
+    if bits.any():
+        return f"{int(bits.sum())} FP8 values differ"
+    if not torch.equal(a.scale_inv, b.scale_inv):
+        return "scale_inv differs"
+    return "ok"
+
+
+def first_failure(*results: str) -> str:
+    return next((r for r in results if r != "ok"), "ok")
+
+
+def run() -> dict:
+    out = {}
+    for shape in SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = awkward_input(shape, dtype, seed=shape[0])
+            for fmt in (E4M3, E5M2):
+                for pow2 in (False, True):
+                    tag = f"{shape} {str(dtype)[6:]} {fmt.name} pow2={pow2}"
+                    ours = kernels.cast_tensorwise(x, fmt, transpose=True, power_of_two=pow2, backend="triton")
+                    ref = kernels.cast_tensorwise(x, fmt, transpose=True, power_of_two=pow2, backend="torch")
+                    out[f"tensorwise current {tag}"] = first_failure(same(ours[0], ref[0]), same(ours[1], ref[1]))
+
+                    # Delayed: a given scale large enough to saturate the biggest values.
+                    scale = torch.tensor(fmt.max / float(x.float().abs().max()) * 4)
+                    rec_ours, rec_ref = torch.full((1,), 1e-3), torch.full((1,), 1e-3)
+                    ours = kernels.cast_tensorwise(x, fmt, scale=scale, record_amax=rec_ours, backend="triton")
+                    ref = kernels.cast_tensorwise(x, fmt, scale=scale, record_amax=rec_ref, backend="torch")
+                    amax_ok = "ok" if torch.equal(rec_ours, rec_ref) else "recorded amax differs"
+                    out[f"tensorwise delayed {tag}"] = first_failure(same(ours[0], ref[0]), amax_ok)
+
+                    for group in (None, 128):
+                        for dim in (0, 1):
+                            ours, ref = (kernels.cast_groups(x, fmt, group=group, dim=dim, power_of_two=pow2, backend=b)
+                                         for b in ("triton", "torch"))
+                            out[f"groups {group or 'row'} dim={dim} {tag}"] = same(ours, ref)
+
+                    ours = kernels.cast_blocks(x, fmt, transpose=True, power_of_two=pow2, backend="triton")
+                    ref = kernels.cast_blocks(x, fmt, transpose=True, power_of_two=pow2, backend="torch")
+                    out[f"blocks {tag}"] = first_failure(same(ours[0], ref[0]), same(ours[1], ref[1]))
+            amax_ok = torch.equal(kernels.amax(x, backend="triton"), kernels.amax(x, backend="torch"))
+            out[f"amax {shape} {dtype}"] = "ok" if amax_ok else "amax differs"
+
+    zeros = torch.zeros(20, 40)
+    ours = kernels.cast_tensorwise(zeros, E4M3, transpose=True, backend="triton")
+    ref = kernels.cast_tensorwise(zeros, E4M3, transpose=True, backend="torch")
+    out["all-zero tensor"] = first_failure(same(ours[0], ref[0]), "ok" if torch.isfinite(ours[0].scale_inv) else "inf")
+
+    # The blockwise GEMM sums each K-slice in FP32 in its own order: equal up to FP32 rounding.
+    for m, n, k in ((48, 80, 300), (17, 144, 96)):
+        a = kernels.cast_groups(awkward_input((m, k), torch.float32, 1), E4M3, group=128, dim=1, backend="torch")
+        w = awkward_input((n, k), torch.float32, 2)
+        for b in (kernels.cast_blocks(w, E4M3, backend="torch")[0],
+                  kernels.cast_groups(w, E4M3, group=128, dim=1, backend="torch")):
+            ours = kernels.blockwise_mm(a, b, torch.float32, backend="triton")
+            ref = kernels.blockwise_mm(a, b, torch.float32, backend="torch")
+            err = ((ours - ref).abs().max() / ref.abs().max()).item()
+            out[f"blockwise gemm {m}x{n}x{k} b={b.kind}"] = "ok" if err < 1e-6 else f"max rel diff {err:.2e}"
+    for recipe in ("tensorwise", "delayed", "rowwise", "blockwise"):
+        runs = [float8_linear_steps(recipe, backend) for backend in ("triton", "torch")]
+        same_all = all(torch.equal(a, b) for a, b in zip(*runs))
+        out[f"Float8Linear {recipe}: kernel path == reference path"] = "ok" if same_all else "outputs or grads differ"
+    return out
+
+
+def float8_linear_steps(recipe: str, backend: str) -> list:
+    """Two training steps of one layer (bias, 111 tokens) with every cast on `backend`."""
+    os.environ["ANGELPTM_FP8_BACKEND"] = backend
+    torch.manual_seed(0)
+    layer = Float8Linear(144, 160, bias=True, recipe=recipe)
+    x = torch.randn(3, 37, 144, requires_grad=True)
+    results = []
+    for _ in range(2):
+        y = layer(x)
+        y.square().sum().backward()
+        update_float8_scales(layer)
+        results += [y.detach(), x.grad, layer.weight.grad, layer.bias.grad]
+        x.grad = layer.weight.grad = layer.bias.grad = None
+        with torch.no_grad():
+            layer.weight.add_(0.01)
+    os.environ.pop("ANGELPTM_FP8_BACKEND")
+    return results
+
+
+if __name__ == "__main__":
+    json.dump(run(), sys.stdout)
