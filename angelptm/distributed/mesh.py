@@ -3,6 +3,11 @@
 tp is innermost so that tensor-parallel peers sit on neighbouring ranks (one node, fastest links);
 pp is outermost because its point-to-point traffic is the lightest. A single process is the
 smallest mesh: it still gets a (gloo) process group of one, so every code path is the same.
+The mesh also carries "dp_cp", dp and cp flattened: both split the tokens of a step, so gradients
+are averaged over the two at once.
+
+`validate_layout` holds every rule a layout must meet for the model and sequence length; it
+reads only the config, so every rank raises the same `ConfigError` before any collective.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from angelptm.config import ParallelConfig
+from angelptm.config import Config, ParallelConfig
 from angelptm.errors import ConfigError
 
 MESH_DIMS = ("pp", "dp", "cp", "tp")
+DATA_DIMS = "dp_cp"  # the flattened (dp, cp) group over which gradients are averaged
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,54 @@ class ParallelDims:
                 "set parallel.dp=auto or launch that many processes"
             )
         return dims
+
+
+def _rule(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_layout(dims: ParallelDims, cfg: Config) -> None:
+    """Raise ConfigError, naming the degree and the rule, if `dims` cannot run `cfg`'s model."""
+    m, tp, cp, seq = cfg.model, dims.tp, dims.cp, cfg.train.seq_len
+    _rule(
+        m.n_heads % tp == 0,
+        f"parallel.tp={tp} does not divide model.n_heads={m.n_heads}; tensor parallelism splits "
+        "attention heads, so pick tp dividing n_heads",
+    )
+    _rule(
+        m.n_kv_heads % tp == 0 or tp % m.n_kv_heads == 0,
+        f"parallel.tp={tp} and model.n_kv_heads={m.n_kv_heads}: one must divide the other (kv heads "
+        "are split over tp, or each replicated on tp / n_kv_heads ranks); pick such a tp",
+    )
+    _rule(
+        m.ffn_dim % tp == 0,
+        f"parallel.tp={tp} does not divide model.ffn_dim={m.ffn_dim}; pick tp dividing ffn_dim",
+    )
+    if cfg.parallel.cp_mode == "ring":
+        _rule(
+            seq % (2 * cp) == 0,
+            f"parallel.cp={cp} with cp_mode=ring needs train.seq_len={seq} divisible by 2·cp = {2 * cp} "
+            "(each rank holds two chunks to balance causal work); change seq_len or cp",
+        )
+    else:
+        _rule(
+            seq % cp == 0,
+            f"parallel.cp={cp} does not divide train.seq_len={seq}; change seq_len or cp",
+        )
+        heads = m.n_heads // tp
+        _rule(
+            heads % cp == 0,
+            f"parallel.cp={cp} with cp_mode=ulysses needs the {heads} attention heads per tensor-parallel "
+            f"rank (model.n_heads / tp) divisible by cp; use cp_mode=ring or a cp dividing {heads}",
+        )
+    if cfg.parallel.sequence_parallel and tp > 1:
+        local = seq // cp
+        _rule(
+            local % tp == 0,
+            f"parallel.tp={tp} with sequence_parallel needs the {local} tokens per context-parallel rank "
+            "(train.seq_len / cp) divisible by tp; change seq_len or set parallel.sequence_parallel=false",
+        )
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -101,7 +155,9 @@ def init(dims: Optional[ParallelDims] = None, backend: str = "auto") -> DeviceMe
             f"{world_size}; launch that many processes or change the degrees"
         )
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    return init_device_mesh(device_type, (dims.pp, dims.dp, dims.cp, dims.tp), mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device_type, (dims.pp, dims.dp, dims.cp, dims.tp), mesh_dim_names=MESH_DIMS)
+    mesh["dp", "cp"]._flatten(DATA_DIMS)
+    return mesh
 
 
 def dims_of(mesh: DeviceMesh) -> ParallelDims:

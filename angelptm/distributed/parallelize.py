@@ -1,12 +1,15 @@
-"""Turn a plain model into the one this rank runs: activation checkpointing, then materialisation.
+"""Turn a plain model into the one this rank runs: context and tensor parallelism, activation
+checkpointing, then materialisation; and the layout-aware gradient clipping the trainer uses.
 
 The model file knows nothing of parallelism; everything layout-specific is applied here from the
 outside, as torchtitan does. `parallelize` works on a meta-device model, so no rank ever holds
-more than its share; `materialize` then allocates the real storage and fills it with the same
-initial values a single process would have.
+more than its share; `materialize` then allocates the real storage and fills each parameter with
+this rank's slice of the same full initial value a single process would have.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -14,6 +17,17 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.checkpoint import checkpoint
 
 from angelptm.config import Config
+from angelptm.distributed.collectives import Group, all_reduce, group_of
+from angelptm.distributed.context_parallel import (
+    apply_context_parallel,
+    local_positions,
+)
+from angelptm.distributed.mesh import dims_of, validate_layout
+from angelptm.distributed.tensor_parallel import (
+    apply_tensor_parallel,
+    local_grad_norm_squared,
+)
+from angelptm.models.llama import initial_value
 
 
 def _checkpoint_forward(module: nn.Module) -> None:
@@ -38,16 +52,71 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         _checkpoint_forward(block if mode == "full" else block.attention.core)
 
 
+def _local_positions_hook(cp: Group, mode: str):
+    """Default `positions` to those of the tokens this rank holds.
+
+    Under context parallelism the local tokens are not 0..n-1, and under sequence parallelism the
+    embedding's output is shorter than the local sequence, so the model's own default would be
+    wrong; with this hook `model(local_tokens)` is right under every layout.
+    """
+    def hook(module, args, kwargs):
+        if module.tok_embeddings is None or len(args) > 1 or kwargs.get("positions") is not None:
+            return None
+        tokens = args[0]
+        seq_len = tokens.shape[1] * cp.size
+        return args, {**kwargs, "positions": local_positions(seq_len, cp.rank, cp.size, mode, tokens.device)}
+    return hook
+
+
 def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
     """Apply the layout `cfg` asks for to `model` (on any device, meta included) and return it."""
+    validate_layout(dims_of(mesh), cfg)
+    p = cfg.parallel
+    tp, cp = group_of(mesh, "tp"), group_of(mesh, "cp")
+    sequence_parallel = p.sequence_parallel and tp.size > 1
+    if cp.size > 1:
+        apply_context_parallel(model, cp, p.cp_mode)
+    if tp.size > 1:
+        apply_tensor_parallel(model, tp, sequence_parallel)
+    if cp.size > 1 or sequence_parallel:
+        model.register_forward_pre_hook(_local_positions_hook(cp, p.cp_mode), with_kwargs=True)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     return model
 
 
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
-    """Allocate the parameters on `device` and give them the layout-independent initial values."""
+    """Allocate the parameters on `device` and give them the layout-independent initial values.
+
+    Each parameter gets this rank's slice of its full initial value, so every layout starts from
+    the same full weights.
+    """
     model.to_empty(device=device)
     model.tie_weights()
-    model.init_weights(seed)
+    specs = getattr(model, "shard_specs", {})
+    for name, param in model.named_parameters():
+        spec = specs.get(name)
+        full = initial_value(name, spec.full_shape if spec else tuple(param.shape), model.cfg, seed)
+        param.copy_(spec.local_value(full, param.shape) if spec else full)
     return model
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: DeviceMesh) -> float:
+    """Scale the gradients so their global norm, over every shard of the model, is at most `max_norm`.
+
+    Run after the gradients are synchronised: each rank adds the squares of what it holds (a slice
+    held by c tp ranks counts 1/c), then the sum runs over tp and over pp (stages hold different
+    layers). Returns the norm before clipping, as torch's `clip_grad_norm_` does, and leaves the
+    gradients alone when it is not finite (the step is skipped).
+    """
+    squared = local_grad_norm_squared(model, mesh["tp"].size())
+    for dim in ("tp", "pp"):
+        all_reduce(squared, group_of(mesh, dim))
+    total = math.sqrt(squared.item())
+    if math.isfinite(total):
+        scale = min(1.0, max_norm / (total + 1e-6))
+        if scale < 1.0:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, scale)
+    return total

@@ -17,13 +17,16 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from angelptm import distributed
 from angelptm.config import Config, save_config
 from angelptm.data import TokenSampler, build_dataset
-from angelptm.distributed.mesh import ParallelDims, device_of, world_from_env
+from angelptm.distributed.collectives import all_reduce, all_reduce_coalesced, comm_bytes, group_of, reset_comm_bytes
+from angelptm.distributed.context_parallel import local_positions, shard_sequence
+from angelptm.distributed.mesh import DATA_DIMS, ParallelDims, device_of, validate_layout, world_from_env
+from angelptm.distributed.parallelize import clip_grad_norm_
+from angelptm.distributed.tensor_parallel import reduce_partial_gradients, vocab_parallel_cross_entropy, vocab_slice
 from angelptm.errors import ConfigError, UserError
 from angelptm.models.llama import build_llama, flops_per_token
 from angelptm.train import checkpoint as ckpt
@@ -44,10 +47,13 @@ class Trainer:
         # Layout: checked before any process-group work so every rank fails the same way.
         _, _, world_size = world_from_env()
         self.dims = ParallelDims.from_config(cfg.parallel, world_size)
+        validate_layout(self.dims, cfg)
         self.accum_steps = cfg.grad_accum_steps(self.dims.dp)
         self.mesh = distributed.init(self.dims, cfg.parallel.backend)
         self.rank = dist.get_rank()
         self.dp_rank = self.mesh["dp"].get_local_rank()
+        # tp ranks share a microbatch; cp ranks split its sequence; dp and cp together split the step's tokens.
+        self.tp, self.cp, self.data_group = (group_of(self.mesh, dim) for dim in ("tp", "cp", DATA_DIMS))
         self.device = self._pick_device(t.device)
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -151,23 +157,25 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
     # The loop
 
-    def fit(self) -> dict[str, Any]:
-        """Train from the current step to `train.steps`; return the last logged record."""
+    def fit(self, until: Optional[int] = None) -> dict[str, Any]:
+        """Train from the current step to `train.steps`, or stop early after step `until` (with a
+        checkpoint there, as a job cut short by its time limit would); return the last record."""
         t = self.cfg.train
+        last = min(until, t.steps) if until is not None else t.steps
         record: dict[str, Any] = {}
         start = time.perf_counter()
         first_step = self.step
         try:
-            while self.step < t.steps:
+            while self.step < last:
                 step_start = time.perf_counter()
                 stats = self.train_step()
                 self.step += 1
                 step_time = time.perf_counter() - step_start
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                if self.step % t.log_every == 0 or self.step == last:
                     elapsed = time.perf_counter() - start
                     record = self._record(stats, step_time, elapsed / (self.step - first_step))
                     self.metrics.log(record)
-                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == last:
                     self.save_checkpoint()
         finally:
             self.metrics.close()
@@ -179,26 +187,43 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.optim, t.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        reset_comm_bytes()
+        cp_mode = self.cfg.parallel.cp_mode
+        positions = local_positions(t.seq_len, self.cp.rank, self.cp.size, cp_mode, self.device)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accum_steps):
             first_row = (self.dp_rank * self.accum_steps + micro) * t.micro_batch
             rows = self.sampler.rows(self.step, first_row, t.micro_batch).to(self.device, non_blocking=True)
+            tokens, targets = (shard_sequence(x, self.cp, cp_mode) for x in (rows[:, :-1], rows[:, 1:]))
             with self.autocast:
-                logits = self.model(rows[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
+                logits = self.model(tokens, positions)
+            loss = vocab_parallel_cross_entropy(logits, targets, self.tp, *vocab_slice(self.model)).mean()
             (loss / self.accum_steps).backward()
             loss_sum += loss.detach()
+        reduce_partial_gradients(self.model, self.tp)
+        self._all_reduce_gradients()
         grad_norm = self._clip_gradients()
         skipped = not math.isfinite(grad_norm)
         if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_sum.item() / self.accum_steps, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
+        # Each dp/cp rank saw its own tokens: average, so every rank reports the loss of the whole step.
+        loss = all_reduce(loss_sum, self.data_group).item() / (self.accum_steps * self.data_group.size)
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "comm_bytes": comm_bytes()}
+
+    def _all_reduce_gradients(self) -> None:
+        """Average the gradients over the ranks that split the step's tokens (dp × cp).
+
+        A plain all-reduce of every gradient; ZeROCache replaces it with its sharded reduction.
+        """
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        all_reduce_coalesced(grads, self.data_group)
+        torch._foreach_div_(grads, self.data_group.size)
 
     def _clip_gradients(self) -> float:
         clip = self.cfg.optim.grad_clip
         max_norm = clip if clip else float("inf")  # inf: measure the norm without clipping
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        return clip_grad_norm_(self.model, max_norm, self.mesh)
 
     def _record(self, stats: dict[str, float], step_time: float, mean_step_time: float) -> dict[str, Any]:
         t = self.cfg.train
