@@ -16,12 +16,17 @@ from angelptm.errors import UserError
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from angelptm.config import load_config
     from angelptm.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
     trainer.fit()
+    # The sample reads the final checkpoint as one full model, on rank 0 alone, after the job's
+    # process group is gone, so it works the same whatever the layout.
+    dist.destroy_process_group()
     if cfg.train.sample_tokens and trainer.rank == 0:
         _print_sample(trainer.ckpt_root, cfg.train.sample_prompt, cfg.train.sample_tokens, temperature=0.8)
     return 0

@@ -2,10 +2,15 @@
 per-step loss and final full weights within a relative 1e-4 over 20 steps; every rank reports the same
 loss; each layout's communication lands on the dimensions it uses."""
 
-import pytest
+import json
 
+import pytest
+import torch.distributed as dist
+
+from angelptm.config import config_from_dict
 from angelptm.distributed.parity import STANDARD_LAYOUTS as LAYOUTS
-from angelptm.distributed.parity import compare, run_layout, run_layouts
+from angelptm.distributed.parity import TINY_JOB, compare, run_layout, run_layouts
+from angelptm.distributed.spawn import run_distributed
 
 TOLERANCE = 1e-4
 CASES = [(world, i) for world, layouts in LAYOUTS.items() for i in range(len(layouts))]
@@ -38,7 +43,7 @@ def test_layout_matches_single_process(reference, runs, world, index):
     assert loss_diff < TOLERANCE and weight_diff < TOLERANCE, (layout, loss_diff, weight_diff)
     assert len(set(result.last_losses)) == 1  # every rank reports the same loss
     used = {dim for dim, nbytes in result.comm_bytes.items() if nbytes}
-    expected = {dim for dim in ("tp", "cp") if layout.get(dim, 1) > 1}
+    expected = {dim for dim in ("tp", "cp", "pp") if layout.get(dim, 1) > 1}
     if layout.get("dp", 1) * layout.get("cp", 1) > 1:
         expected.add("dp_cp")
     assert used == expected
@@ -57,3 +62,23 @@ def test_bfloat16_layouts_track_single_process():
     reference = run_layout(world_size=1, overrides=overrides)
     for result in run_layouts([{"tp": 2}, {"cp": 2}], 2, overrides=overrides):
         assert max(abs(a - b) / b for a, b in zip(result.losses, reference.losses)) < 1e-3
+
+
+def _fit_until(settings: list[str], until):
+    from angelptm.train.trainer import Trainer
+
+    Trainer(config_from_dict(TINY_JOB, settings)).fit(until=until)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_resume_in_another_layout_continues_the_loss_curve(reference, tmp_path):
+    """Stopped at step 10 under tp2, resumed under pp2 from the tp2 checkpoint: steps 11-20 match
+    the single-process run (the checkpoint reshards model and optimizer state)."""
+    out = f"train.output_dir={tmp_path / 'run'}"
+    run_distributed(_fit_until, 2, ["parallel.tp=2", out], 10, init_group=False)
+    run_distributed(_fit_until, 2, ["parallel.pp=2", "train.resume=auto", out], None, init_group=False)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines]
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 21))
+    assert max(abs(a - b) / b for a, b in zip(losses, reference.losses)) < TOLERANCE

@@ -63,7 +63,8 @@ def reset_comm_bytes() -> None:
     _BYTES.clear()
 
 
-def _count(group: Group, nbytes: int) -> None:
+def count_bytes(group: Group, nbytes: int) -> None:
+    """Add `nbytes` sent by this rank to `group`'s counter; for traffic outside these helpers (pipeline P2P)."""
     _BYTES[group.name] += int(nbytes)
 
 
@@ -79,7 +80,7 @@ def all_reduce(x: torch.Tensor, group: Group, op: ReduceOp = ReduceOp.SUM) -> to
     """Reduce `x` in place over the group and return it."""
     if group.size == 1:
         return x
-    _count(group, 2 * (group.size - 1) * _nbytes(x) // group.size)
+    count_bytes(group, 2 * (group.size - 1) * _nbytes(x) // group.size)
     dist.all_reduce(x, op=op, group=group.pg)
     return x
 
@@ -89,7 +90,7 @@ def all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     if group.size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(group.size)]
-    _count(group, (group.size - 1) * _nbytes(x))
+    count_bytes(group, (group.size - 1) * _nbytes(x))
     dist.all_gather(parts, x.contiguous(), group=group.pg)
     return torch.cat(parts, dim=dim)
 
@@ -102,7 +103,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
         raise ValueError(f"reduce-scatter of size {x.shape[dim]} along dim {dim} over {group.size} ranks")
     parts = [part.contiguous() for part in x.chunk(group.size, dim=dim)]
     out = torch.empty_like(parts[group.rank])
-    _count(group, (group.size - 1) * _nbytes(out))
+    count_bytes(group, (group.size - 1) * _nbytes(out))
     dist.reduce_scatter(out, parts, group=group.pg)
     return out
 
@@ -115,7 +116,7 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Group)
         raise ValueError(f"all-to-all of size {x.shape[scatter_dim]} along dim {scatter_dim} over {group.size} ranks")
     send = torch.stack(x.chunk(group.size, dim=scatter_dim))  # piece j at index j of dim 0
     recv = torch.empty_like(send)
-    _count(group, (group.size - 1) * _nbytes(send) // group.size)
+    count_bytes(group, (group.size - 1) * _nbytes(send) // group.size)
     dist.all_to_all_single(recv, send, group=group.pg)
     return torch.cat(recv.unbind(0), dim=gather_dim)
 
@@ -148,7 +149,7 @@ def ring_shift(x: torch.Tensor, group: Group, tag: int = 0) -> PendingShift:
         dist.P2POp(dist.isend, x, group.global_rank((group.rank + 1) % group.size), group.pg, tag),
         dist.P2POp(dist.irecv, received, group.global_rank((group.rank - 1) % group.size), group.pg, tag),
     ]
-    _count(group, _nbytes(x))
+    count_bytes(group, _nbytes(x))
     return PendingShift(x, received, dist.batch_isend_irecv(ops))
 
 

@@ -52,19 +52,19 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         _checkpoint_forward(block if mode == "full" else block.attention.core)
 
 
-def _local_positions_hook(cp: Group, mode: str):
+def _local_positions_hook(cp: Group, mode: str, hidden_seq_shards: int):
     """Default `positions` to those of the tokens this rank holds.
 
     Under context parallelism the local tokens are not 0..n-1, and under sequence parallelism the
-    embedding's output is shorter than the local sequence, so the model's own default would be
-    wrong; with this hook `model(local_tokens)` is right under every layout.
+    hidden states a later pipeline stage receives hold 1/tp of them, so the model's own default
+    would be wrong; with this hook `model(local_input)` is right under every layout.
     """
     def hook(module, args, kwargs):
-        if module.tok_embeddings is None or len(args) > 1 or kwargs.get("positions") is not None:
+        if len(args) > 1 or kwargs.get("positions") is not None:
             return None
-        tokens = args[0]
-        seq_len = tokens.shape[1] * cp.size
-        return args, {**kwargs, "positions": local_positions(seq_len, cp.rank, cp.size, mode, tokens.device)}
+        x = args[0]  # token ids, or hidden states on a later pipeline stage
+        local = x.shape[1] * (hidden_seq_shards if module.tok_embeddings is None else 1)
+        return args, {**kwargs, "positions": local_positions(local * cp.size, cp.rank, cp.size, mode, x.device)}
     return hook
 
 
@@ -79,7 +79,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
     if tp.size > 1:
         apply_tensor_parallel(model, tp, sequence_parallel)
     if cp.size > 1 or sequence_parallel:
-        model.register_forward_pre_hook(_local_positions_hook(cp, p.cp_mode), with_kwargs=True)
+        hidden_seq_shards = tp.size if sequence_parallel else 1
+        model.register_forward_pre_hook(_local_positions_hook(cp, p.cp_mode, hidden_seq_shards), with_kwargs=True)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     return model
 

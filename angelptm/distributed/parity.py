@@ -1,8 +1,8 @@
 """Layout parity: train under a layout on N local processes and compare with the single-process run.
 
 `run_layout` launches the real `Trainer` on N gloo processes (CPU, float32) and returns the loss
-of every step, the loss each rank reported at the last step, the full final weights (gathered
-over tensor-parallel shards) and the communication bytes of the last step; `compare` gives the
+of every step, the loss each rank reported at the last step, the full final weights (read from the
+run's last checkpoint into one plain model) and the communication bytes of the last step; `compare` gives the
 largest relative difference of the losses and of the weights against a reference run. The
 project's rule is that any layout reproduces the single-process loss curve to a relative 1e-4
 per step over 20 steps; use this when adding a layout or changing a parallel layer:
@@ -26,14 +26,14 @@ import torch
 import torch.distributed as dist
 
 from angelptm.config import config_from_dict
-from angelptm.distributed.collectives import group_of
 from angelptm.distributed.spawn import run_distributed
-from angelptm.distributed.tensor_parallel import full_parameters
+from angelptm.train.checkpoint import load_model
 
 # A model small enough for 8 processes on 2 cores, yet with every feature the layouts must split:
-# grouped-query attention (kv heads replicated at tp 4), a vocabulary that tp 2 and 4 must pad.
+# grouped-query attention (kv heads replicated at tp 4), a vocabulary that tp 2 and 4 must pad,
+# and a layer for each of 4 pipeline stages.
 TINY_JOB: dict[str, Any] = {
-    "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128, "vocab_size": 259,
+    "model": {"dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128, "vocab_size": 259,
               "max_seq_len": 64},
     "optim": {"warmup_steps": 5},
     "data": {"source": "synthetic"},
@@ -44,9 +44,12 @@ TINY_JOB: dict[str, Any] = {
 
 # The layouts every change must keep in parity, by world size.
 STANDARD_LAYOUTS: dict[int, list[dict]] = {
-    2: [{"tp": 2}, {"tp": 2, "sequence_parallel": False}, {"cp": 2}, {"cp": 2, "cp_mode": "ulysses"}],
-    4: [{"tp": 4}, {"cp": 4}, {"dp": 2, "tp": 2}, {"tp": 2, "cp": 2}],
-    8: [{"dp": 2, "tp": 2, "cp": 2}],
+    2: [{"tp": 2}, {"tp": 2, "sequence_parallel": False}, {"cp": 2}, {"cp": 2, "cp_mode": "ulysses"},
+        {"pp": 2}, {"pp": 2, "pp_schedule": "interleaved", "pp_virtual_stages": 2},
+        {"pp": 2, "pp_schedule": "zero_bubble"}, {"pp": 2, "pp_schedule": "gpipe"}],
+    4: [{"tp": 4}, {"cp": 4}, {"dp": 2, "tp": 2}, {"tp": 2, "cp": 2},
+        {"pp": 4}, {"pp": 2, "tp": 2}, {"pp": 2, "dp": 2}, {"pp": 2, "cp": 2}],
+    8: [{"dp": 2, "tp": 2, "cp": 2}, {"dp": 2, "tp": 2, "pp": 2}],
 }
 
 
@@ -54,7 +57,7 @@ STANDARD_LAYOUTS: dict[int, list[dict]] = {
 class LayoutRun:
     losses: list[float]  # the loss of every step, as logged by rank 0
     last_losses: list[float]  # the last step's loss as each rank reported it
-    weights: dict[str, torch.Tensor]  # full final weights
+    weights: dict[str, torch.Tensor]  # full final weights, read from the run's last checkpoint
     comm_bytes: dict[str, int]  # bytes rank 0 sent in the last step, per mesh dimension
 
 
@@ -65,9 +68,8 @@ def _train_layouts(job: dict, layouts: list[list[str]], output_root: str) -> lis
     results = []
     for i, settings in enumerate(layouts):
         trainer = Trainer(config_from_dict(job, settings + [f"train.output_dir={output_root}/{i}"]))
-        record = trainer.fit()
-        weights = full_parameters(trainer.model, group_of(trainer.mesh, "tp"))
-        results.append((record["loss"], weights if dist.get_rank() == 0 else None, record["comm_bytes"]))
+        record = trainer.fit()  # ends with a checkpoint: the full weights, whatever the layout
+        results.append((record["loss"], record["comm_bytes"]))
     dist.destroy_process_group()
     return results
 
@@ -87,7 +89,10 @@ def run_layouts(layouts: list[dict], world_size: int, job: Optional[dict] = None
             lines = (Path(out) / str(i) / "metrics.jsonl").read_text().splitlines()
             losses = [json.loads(line)["loss"] for line in lines]
             results = [rank_results[i] for rank_results in per_rank]
-            runs.append(LayoutRun(losses, [loss for loss, _, _ in results], results[0][1], results[0][2]))
+            # Reading the final checkpoint into one plain model also checks that it reshards.
+            _, model = load_model(Path(out) / str(i))
+            weights = {name: p.detach() for name, p in model.named_parameters()}
+            runs.append(LayoutRun(losses, [loss for loss, _ in results], weights, results[0][1]))
     return runs
 
 

@@ -23,10 +23,13 @@ from angelptm import distributed
 from angelptm.config import Config, save_config
 from angelptm.data import TokenSampler, build_dataset
 from angelptm.distributed.collectives import all_reduce, all_reduce_coalesced, comm_bytes, group_of, reset_comm_bytes
-from angelptm.distributed.context_parallel import local_positions, shard_sequence
+from angelptm.distributed.context_parallel import shard_sequence
 from angelptm.distributed.mesh import DATA_DIMS, ParallelDims, device_of, validate_layout, world_from_env
 from angelptm.distributed.parallelize import clip_grad_norm_
-from angelptm.distributed.tensor_parallel import reduce_partial_gradients, vocab_parallel_cross_entropy, vocab_slice
+from angelptm.distributed.pipeline import PipelineRunner, build_schedule, merge_stages, split_model, stage_layer_ranges
+from angelptm.distributed.tensor_parallel import (
+    from_checkpoint_state, reduce_partial_gradients, to_checkpoint_state, vocab_parallel_cross_entropy, vocab_slice,
+)
 from angelptm.errors import ConfigError, UserError
 from angelptm.models.llama import build_llama, flops_per_token
 from angelptm.train import checkpoint as ckpt
@@ -45,15 +48,19 @@ class Trainer:
             raise ConfigError(f"model.arch={cfg.model.arch} can be planned but not trained; set model.arch=llama")
 
         # Layout: checked before any process-group work so every rank fails the same way.
+        p = cfg.parallel
         _, _, world_size = world_from_env()
-        self.dims = ParallelDims.from_config(cfg.parallel, world_size)
+        self.dims = ParallelDims.from_config(p, world_size)
         validate_layout(self.dims, cfg)
         self.accum_steps = cfg.grad_accum_steps(self.dims.dp)
+        meta_model = build_llama(cfg.model, "meta")
+        schedule = build_schedule(p.pp_schedule, self.dims.pp, self.accum_steps, p.pp_virtual_stages)
+        stage_layer_ranges(meta_model, self.dims.pp * p.pp_virtual_stages, t.seq_len)  # can the layers be split?
         self.mesh = distributed.init(self.dims, cfg.parallel.backend)
         self.rank = dist.get_rank()
         self.dp_rank = self.mesh["dp"].get_local_rank()
         # tp ranks share a microbatch; cp ranks split its sequence; dp and cp together split the step's tokens.
-        self.tp, self.cp, self.data_group = (group_of(self.mesh, dim) for dim in ("tp", "cp", DATA_DIMS))
+        self.pp, self.tp, self.cp, self.data_group = (group_of(self.mesh, d) for d in ("pp", "tp", "cp", DATA_DIMS))
         self.device = self._pick_device(t.device)
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -69,13 +76,25 @@ class Trainer:
         if resume_from:
             self._check_same_model(resume_from)
 
-        # Model: built on the meta device, transformed for the layout, then materialised.
-        model = distributed.parallelize(build_llama(cfg.model, "meta"), self.mesh, cfg)
-        self.model = distributed.materialize(model, self.device, t.seed)
+        # Model: cut on the meta device into this rank's pipeline stages (the whole model when pp=1),
+        # each transformed for the layout and materialised; the runner executes the schedule over them.
+        stages = [
+            distributed.materialize(distributed.parallelize(stage, self.mesh, cfg), self.device, t.seed)
+            for stage in split_model(meta_model, self.pp.rank, self.pp.size, p.pp_virtual_stages, t.seq_len)
+        ]
+        self.model = merge_stages(stages)  # this rank's parameters under their full names
         self.optimizer = build_adamw(self.model, cfg.optim)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if cfg.precision.dtype == "bfloat16" else nullcontext()
+        )
+        hidden_seq_shards = self.cp.size * (self.tp.size if p.sequence_parallel else 1)
+        head = stages[-1]
+        self.runner = PipelineRunner(
+            stages, schedule[self.pp.rank], self.pp,
+            lambda logits, targets: vocab_parallel_cross_entropy(logits, targets, self.tp, *vocab_slice(head)).mean(),
+            activation_shape=(t.micro_batch, t.seq_len // hidden_seq_shards, cfg.model.dim),
+            device=self.device, autocast=self.autocast,
         )
 
         self.step = 0
@@ -142,13 +161,14 @@ class Trainer:
     def _load(self, folder: Path, record: dict[str, Any]) -> int:
         """Load model (and, for a training checkpoint, optimizer, sampler, RNG); return the next step."""
         if not ckpt.has_optimizer_state(record):
-            state = {"model": self.model.state_dict()}
+            state = to_checkpoint_state({"model": self.model.state_dict()}, self.model, self.mesh)
             ckpt.load_state(folder, state)
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict(from_checkpoint_state(state, self.model)["model"])
             return 0
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optim": optim_state}
+        state = to_checkpoint_state({"model": model_state, "optim": optim_state}, self.model, self.mesh)
         ckpt.load_state(folder, state)
+        state = from_checkpoint_state(state, self.model)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if record.get("world_size") == dist.get_world_size():
             ckpt.restore_rng(folder)
@@ -188,18 +208,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         reset_comm_bytes()
-        cp_mode = self.cfg.parallel.cp_mode
-        positions = local_positions(t.seq_len, self.cp.rank, self.cp.size, cp_mode, self.device)
-        loss_sum = torch.zeros((), device=self.device)
+        inputs, targets = [], []
         for micro in range(self.accum_steps):
             first_row = (self.dp_rank * self.accum_steps + micro) * t.micro_batch
             rows = self.sampler.rows(self.step, first_row, t.micro_batch).to(self.device, non_blocking=True)
-            tokens, targets = (shard_sequence(x, self.cp, cp_mode) for x in (rows[:, :-1], rows[:, 1:]))
-            with self.autocast:
-                logits = self.model(tokens, positions)
-            loss = vocab_parallel_cross_entropy(logits, targets, self.tp, *vocab_slice(self.model)).mean()
-            (loss / self.accum_steps).backward()
-            loss_sum += loss.detach()
+            inputs.append(shard_sequence(rows[:, :-1], self.cp, self.cfg.parallel.cp_mode))
+            targets.append(shard_sequence(rows[:, 1:], self.cp, self.cfg.parallel.cp_mode))
+        # Forward and backward of every microbatch, in the order the pipeline schedule says; the
+        # gradients are left in the parameters as the mean over the microbatches.
+        loss = self.runner.step(inputs, targets)
         reduce_partial_gradients(self.model, self.tp)
         self._all_reduce_gradients()
         grad_norm = self._clip_gradients()
@@ -208,7 +225,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # Each dp/cp rank saw its own tokens: average, so every rank reports the loss of the whole step.
-        loss = all_reduce(loss_sum, self.data_group).item() / (self.accum_steps * self.data_group.size)
+        loss = all_reduce(torch.tensor(loss, device=self.device), self.data_group).item() / self.data_group.size
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "comm_bytes": comm_bytes()}
 
     def _all_reduce_gradients(self) -> None:
@@ -245,7 +262,7 @@ class Trainer:
         return ckpt.save_checkpoint(
             self.ckpt_root / f"{ckpt.STEP_PREFIX}{self.step}",
             self.cfg,
-            {"model": model_state, "optim": optim_state},
+            to_checkpoint_state({"model": model_state, "optim": optim_state}, self.model, self.mesh),
             train_state,
             keep=self.cfg.train.keep_checkpoints,
         )

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from angelptm.distributed.collectives import Group, _count
+from angelptm.distributed.collectives import Group, count_bytes
 from angelptm.distributed.pipeline.schedules import (
     BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, RECV_ACTIVATION, RECV_GRAD, SEND_ACTIVATION, SENDS,
     Action, batches, peer_of,
@@ -149,7 +149,7 @@ class PipelineRunner:
                         f"was built for activation_shape={tuple(self.shape)}"
                     )
                 tensor, op = source.contiguous(), dist.isend
-                _count(self.group, tensor.numel() * tensor.element_size())
+                count_bytes(self.group, tensor.numel() * tensor.element_size())
             else:
                 tensor, op = torch.empty(self.shape, dtype=self.dtype, device=self.device), dist.irecv
                 state.received[action] = tensor
