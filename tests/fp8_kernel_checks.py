@@ -53,29 +53,44 @@ def run() -> dict:
             for fmt in (E4M3, E5M2):
                 for pow2 in (False, True):
                     tag = f"{shape} {str(dtype)[6:]} {fmt.name} pow2={pow2}"
-                    ours = kernels.cast_tensorwise(x, fmt, transpose=True, power_of_two=pow2, backend="triton")
-                    ref = kernels.cast_tensorwise(x, fmt, transpose=True, power_of_two=pow2, backend="torch")
-                    out[f"tensorwise current {tag}"] = first_failure(same(ours[0], ref[0]), same(ours[1], ref[1]))
+                    both = dict(power_of_two=pow2)
+                    for rows, t in ((True, True), (True, False), (False, True)):
+                        ours, ref = (kernels.cast_tensorwise(x, fmt, rows=rows, transpose=t, backend=b, **both)
+                                     for b in ("triton", "torch"))
+                        out[f"tensorwise current rows={rows} t={t} {tag}"] = first_failure(*map(same, ours, ref))
+                        ours, ref = (kernels.cast_rowwise(x, fmt, rows=rows, transpose=t, backend=b, **both)
+                                     for b in ("triton", "torch"))
+                        out[f"rowwise rows={rows} t={t} {tag}"] = first_failure(*map(same, ours, ref))
 
                     # Delayed: a given scale large enough to saturate the biggest values.
                     scale = torch.tensor(fmt.max / float(x.float().abs().max()) * 4)
                     rec_ours, rec_ref = torch.full((1,), 1e-3), torch.full((1,), 1e-3)
-                    ours = kernels.cast_tensorwise(x, fmt, scale=scale, record_amax=rec_ours, backend="triton")
-                    ref = kernels.cast_tensorwise(x, fmt, scale=scale, record_amax=rec_ref, backend="torch")
+                    ours = kernels.cast_tensorwise(x, fmt, scale=scale, transpose=True, record_amax=rec_ours,
+                                                   backend="triton")
+                    ref = kernels.cast_tensorwise(x, fmt, scale=scale, transpose=True, record_amax=rec_ref,
+                                                  backend="torch")
                     amax_ok = "ok" if torch.equal(rec_ours, rec_ref) else "recorded amax differs"
-                    out[f"tensorwise delayed {tag}"] = first_failure(same(ours[0], ref[0]), amax_ok)
+                    out[f"tensorwise delayed {tag}"] = first_failure(*map(same, ours, ref), amax_ok)
 
-                    for group in (None, 128):
-                        for dim in (0, 1):
-                            ours, ref = (kernels.cast_groups(x, fmt, group=group, dim=dim, power_of_two=pow2, backend=b)
-                                         for b in ("triton", "torch"))
-                            out[f"groups {group or 'row'} dim={dim} {tag}"] = same(ours, ref)
+                    for dim in (0, 1):
+                        ours, ref = (kernels.cast_tiles(x, fmt, dim=dim, backend=b, **both)
+                                     for b in ("triton", "torch"))
+                        out[f"tiles 1x128 dim={dim} {tag}"] = same(ours, ref)
 
-                    ours = kernels.cast_blocks(x, fmt, transpose=True, power_of_two=pow2, backend="triton")
-                    ref = kernels.cast_blocks(x, fmt, transpose=True, power_of_two=pow2, backend="torch")
-                    out[f"blocks {tag}"] = first_failure(same(ours[0], ref[0]), same(ours[1], ref[1]))
-            amax_ok = torch.equal(kernels.amax(x, backend="triton"), kernels.amax(x, backend="torch"))
-            out[f"amax {shape} {dtype}"] = "ok" if amax_ok else "amax differs"
+                    for t in (True, False):
+                        ours, ref = (kernels.cast_blocks(x, fmt, transpose=t, backend=b, **both)
+                                     for b in ("triton", "torch"))
+                        out[f"blocks t={t} {tag}"] = first_failure(*map(same, ours, ref))
+            for dim in (None, 0, 1):
+                amax_ok = torch.equal(kernels.amax(x, dim, backend="triton"), kernels.amax(x, dim, backend="torch"))
+                out[f"amax dim={dim} {shape} {dtype}"] = "ok" if amax_ok else "amax differs"
+
+    # Values that round to zero keep their sign, as torch's cast gives: FP8 -0.0 is 0x80.
+    tiny = torch.tensor([[-1e-10, 1e-10, -0.0, 0.0] * 4, [-3.0, 3.0, -1e-5, 2.0] * 4])
+    for fmt in (E4M3, E5M2):
+        ours = kernels.cast_tensorwise(tiny, fmt, backend="triton")[0].data.view(torch.uint8)
+        out[f"negative underflow keeps its sign {fmt.name}"] = "ok" if ours[0, 0] == 0x80 == ours[0, 2] else \
+            f"codes {ours[0, :4].tolist()}"
 
     zeros = torch.zeros(20, 40)
     ours = kernels.cast_tensorwise(zeros, E4M3, transpose=True, backend="triton")
@@ -83,11 +98,11 @@ def run() -> dict:
     out["all-zero tensor"] = first_failure(same(ours[0], ref[0]), "ok" if torch.isfinite(ours[0].scale_inv) else "inf")
 
     # The blockwise GEMM sums each K-slice in FP32 in its own order: equal up to FP32 rounding.
-    for m, n, k in ((48, 80, 300), (17, 144, 96)):
-        a = kernels.cast_groups(awkward_input((m, k), torch.float32, 1), E4M3, group=128, dim=1, backend="torch")
+    for m, n, k in ((48, 80, 300), (17, 144, 96), (32, 256, 256)):
+        a = kernels.cast_tiles(awkward_input((m, k), torch.float32, 1), E4M3, dim=1, backend="torch")
         w = awkward_input((n, k), torch.float32, 2)
         for b in (kernels.cast_blocks(w, E4M3, backend="torch")[0],
-                  kernels.cast_groups(w, E4M3, group=128, dim=1, backend="torch")):
+                  kernels.cast_tiles(w, E4M3, dim=1, backend="torch")):
             ours = kernels.blockwise_mm(a, b, torch.float32, backend="triton")
             ref = kernels.blockwise_mm(a, b, torch.float32, backend="torch")
             err = ((ours - ref).abs().max() / ref.abs().max()).item()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from angelptm.errors import UserError
-from angelptm.fp8 import E4M3, kernels
+from angelptm.fp8 import kernels
 
 pytest.importorskip("triton")
 
@@ -36,8 +36,3 @@ def test_cpu_tensors_use_the_references_unless_asked():
     assert kernels.use_triton(torch.zeros(1), backend="triton")
     with pytest.raises(UserError, match="ANGELPTM_FP8_BACKEND"):
         kernels.use_triton(torch.zeros(1), backend="cuda")
-
-
-def test_tile_groups_must_be_128_long_in_the_kernel():
-    with pytest.raises(ValueError, match="128"):
-        kernels.cast_groups(torch.ones(4, 64), E4M3, group=64, dim=1, backend="triton")

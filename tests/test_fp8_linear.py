@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from angelptm.errors import UserError
-from angelptm.fp8 import (E4M3, DelayedRecipe, Float8Linear, RowwiseRecipe, TensorwiseRecipe, convert_to_float8,
-                          recipe_from_name, update_float8_scales)
+from angelptm.fp8 import (E4M3, AmaxGroups, DelayedRecipe, Float8Linear, RowwiseRecipe, TensorwiseRecipe,
+                          convert_to_float8, recipe_from_name, update_float8_scales)
 
 RECIPES = ("tensorwise", "delayed", "rowwise", "blockwise")
 M_SHAPE, K, N = (3, 37), 256, 160  # 111 tokens: not a multiple of 16, so the padding path runs
@@ -186,6 +186,16 @@ def test_convert_skips_the_head_and_ineligible_layers_and_shares_parameters():
     model2 = nn.ModuleDict({"output": nn.Linear(128, 256)})
     convert_to_float8(model2, "tensorwise", skip=())
     assert isinstance(model2["output"], Float8Linear)
+
+
+def test_amax_groups_can_differ_per_layer():
+    """Column- and row-parallel layers share different operands over tp: a function of the name picks."""
+    tp = object()  # stands for a process group; groups are only used when a cast all-reduces
+    model = nn.ModuleDict({"w1": nn.Linear(64, 128), "w2": nn.Linear(128, 64)})
+    convert_to_float8(model, "tensorwise", amax_groups=lambda name: AmaxGroups(
+        weight=(tp,), input=(tp,) if name == "w2" else (), grad_output=(tp,) if name == "w1" else ()))
+    assert model["w1"].amax_groups == AmaxGroups(weight=(tp,), grad_output=(tp,))
+    assert model["w2"].amax_groups == AmaxGroups(weight=(tp,), input=(tp,))
 
 
 def test_delayed_scaling_state_travels_in_the_state_dict():

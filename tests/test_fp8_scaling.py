@@ -78,6 +78,15 @@ def test_delayed_history_rotates_and_sets_the_scale_from_its_max():
     assert float(state.scale) == 448.0 / 1.0
 
 
+def test_an_overflowing_step_leaves_the_scale_finite():
+    state = DelayedScale(E4M3, history_len=3)
+    for amax in (4.0, float("inf"), float("nan")):
+        state.current_amax.fill_(amax)
+        update_delayed_scales([state])
+        assert float(state.scale) == 448.0 / 4.0
+    assert torch.isfinite(state.amax_history).all()
+
+
 def test_delayed_margin_and_power_of_two():
     state = DelayedScale(E5M2, history_len=2, margin=2, power_of_two=True)
     state.current_amax.fill_(3.0)

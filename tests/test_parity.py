@@ -82,3 +82,14 @@ def test_resume_in_another_layout_continues_the_loss_curve(reference, tmp_path):
     losses = [json.loads(line)["loss"] for line in lines]
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 21))
     assert max(abs(a - b) / b for a, b in zip(losses, reference.losses)) < TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_fp8_layouts_track_single_process(recipe):
+    """FP8 under tp2 and dp2 scales each shard like the whole tensor (amaxes reduced over the right
+    groups), so the losses follow the single-process FP8 run up to FP8 rounding at the edges."""
+    overrides = ["precision.fp8.enabled=true", f"precision.fp8.recipe={recipe}", "train.steps=10"]
+    reference = run_layout(world_size=1, overrides=overrides)
+    for result in run_layouts([{"tp": 2}, {"dp": 2}], 2, overrides=overrides):
+        assert max(abs(a - b) / b for a, b in zip(result.losses, reference.losses)) < 1e-3

@@ -1,4 +1,4 @@
-"""Turn a plain model into the one this rank runs: context and tensor parallelism, activation
+"""Turn a plain model into the one this rank runs: context and tensor parallelism, FP8, activation
 checkpointing, then materialisation; and the layout-aware gradient clipping the trainer uses.
 
 The model file knows nothing of parallelism; everything layout-specific is applied here from the
@@ -16,17 +16,18 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.checkpoint import checkpoint
 
-from angelptm.config import Config
+from angelptm.config import Config, Fp8Config
 from angelptm.distributed.collectives import Group, all_reduce, group_of
 from angelptm.distributed.context_parallel import (
     apply_context_parallel,
     local_positions,
 )
-from angelptm.distributed.mesh import dims_of, validate_layout
+from angelptm.distributed.mesh import DATA_DIMS, dims_of, validate_layout
 from angelptm.distributed.tensor_parallel import (
     apply_tensor_parallel,
     local_grad_norm_squared,
 )
+from angelptm.fp8 import AmaxGroups, DelayedScale, convert_to_float8
 from angelptm.models.llama import initial_value
 
 
@@ -68,6 +69,31 @@ def _local_positions_hook(cp: Group, mode: str, hidden_seq_shards: int):
     return hook
 
 
+def apply_float8(model: nn.Module, fp8: Fp8Config, tp: Group, data: Group) -> None:
+    """Swap the linear layers for `Float8Linear` with the amax groups each operand needs.
+
+    Under tensor parallelism a row-parallel layer (wo, w2) holds a slice of its input's columns and
+    a column-parallel one a slice of its output gradient's, so those operands' amaxes are reduced
+    over tp, as are the weight shards', and every rank scales its piece like the whole tensor.
+    Delayed scaling also reduces activations and gradients over dp × cp (Transformer Engine's
+    rule), so replicas keep identical scales. Rowwise and blockwise scales are local by nature.
+    """
+    options = {"power_of_two_scales": fp8.power_of_two_scales}
+    if fp8.recipe == "delayed":
+        options["amax_history_len"] = fp8.amax_history
+
+    def groups(name: str) -> AmaxGroups:
+        if fp8.recipe in ("rowwise", "blockwise"):
+            return AmaxGroups()
+        tp_groups = (tp.pg,) if tp.size > 1 else ()
+        data_groups = (data.pg,) if fp8.recipe == "delayed" and data.size > 1 else ()
+        row_parallel = name.endswith(("attention.wo", "feed_forward.w2"))
+        return AmaxGroups(weight=tp_groups, input=data_groups + (tp_groups if row_parallel else ()),
+                          grad_output=data_groups + (() if row_parallel else tp_groups))
+
+    convert_to_float8(model, fp8.recipe, skip=fp8.skip, amax_groups=groups, **options)
+
+
 def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
     """Apply the layout `cfg` asks for to `model` (on any device, meta included) and return it."""
     validate_layout(dims_of(mesh), cfg)
@@ -78,6 +104,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
         apply_context_parallel(model, cp, p.cp_mode)
     if tp.size > 1:
         apply_tensor_parallel(model, tp, sequence_parallel)
+    if cfg.precision.fp8.enabled:
+        apply_float8(model, cfg.precision.fp8, tp, group_of(mesh, DATA_DIMS))
     if cp.size > 1 or sequence_parallel:
         hidden_seq_shards = tp.size if sequence_parallel else 1
         model.register_forward_pre_hook(_local_positions_hook(cp, p.cp_mode, hidden_seq_shards), with_kwargs=True)
@@ -94,6 +122,9 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
     """
     model.to_empty(device=device)
     model.tie_weights()
+    for module in model.modules():
+        if isinstance(module, DelayedScale):  # FP8 scaling state: allocated by to_empty, never set
+            module.reset()
     specs = getattr(model, "shard_specs", {})
     for name, param in model.named_parameters():
         spec = specs.get(name)

@@ -3,7 +3,7 @@
     model = convert_to_float8(model, recipe="delayed", amax_history_len=16)
     ...
     optimizer.step()
-    update_float8_scales(model)   # delayed scaling: all-reduce amaxes, rotate histories
+    update_float8_scales(model)   # fresh FP8 weights; delayed scaling: all-reduce amaxes, rotate histories
 """
 
 from angelptm.fp8.convert import convert_to_float8, update_float8_scales

@@ -8,7 +8,7 @@ speed. Embeddings are lookups, never converted.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Union
 
 from torch import nn
 
@@ -29,27 +29,42 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
 
 
 def convert_to_float8(model: nn.Module, recipe: str | Float8Recipe = "tensorwise", *,
-                      skip: Iterable[str] = DEFAULT_SKIP, amax_groups: Optional[AmaxGroups] = None,
+                      skip: Iterable[str] = DEFAULT_SKIP,
+                      amax_groups: Union[AmaxGroups, Callable[[str], AmaxGroups], None] = None,
                       **recipe_options) -> nn.Module:
     """Replace eligible linear layers in place (parameters are shared, not copied); returns `model`.
 
     `recipe` is a recipe object or a name ("tensorwise", "delayed", "rowwise", "blockwise") with
     its options as keywords (e.g. `amax_history_len=16`, `power_of_two_scales=True`).
+    `amax_groups` is one `AmaxGroups` for every layer, or a function of a layer's full name giving
+    its own: under tensor parallelism a column-parallel layer's output gradient is sharded and a
+    row-parallel layer's input is, so the two kinds all-reduce different operands.
+    Convert materialised models: delayed-scaling state is created on the weights' device.
     """
     recipe = recipe_from_name(recipe, **recipe_options)
     skip = tuple(skip)
+    groups_of = amax_groups if callable(amax_groups) else (lambda name: amax_groups)
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if (type(child) is nn.Linear and child.in_features % _ALIGN == 0 and child.out_features % _ALIGN == 0
                     and not _skipped(name, skip)):
-                setattr(parent, child_name, Float8Linear.from_linear(child, recipe, amax_groups))
+                setattr(parent, child_name, Float8Linear.from_linear(child, recipe, groups_of(name)))
     return model
 
 
 def update_float8_scales(model: nn.Module) -> None:
-    """Call once after each optimizer step: all-reduces and rotates the delayed-scaling histories.
+    """Call once after each optimizer step: drops every cached FP8 weight (the next forward casts
+    the updated weight) and, for delayed scaling, all-reduces and rotates the amax histories.
 
-    A no-op for the other recipes, so a training loop can call it unconditionally.
+    `torch.optim` optimizers drop the weight caches themselves (see `linear.py`); for any other
+    optimizer this call is what keeps the FP8 weights current. Cheap for every recipe, so a
+    training loop can call it unconditionally.
     """
-    update_delayed_scales(m for m in model.modules() if isinstance(m, DelayedScale))
+    states = []
+    for module in model.modules():
+        if isinstance(module, Float8Linear):
+            module.refresh_weight()
+        elif isinstance(module, DelayedScale):
+            states.append(module)
+    update_delayed_scales(states)

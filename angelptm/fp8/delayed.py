@@ -8,7 +8,8 @@ each optimizer step, all-reduces slot 0 over the ranks that share the tensor, de
 scale from the whole history, and rotates the history so the oldest step falls out.
 
 Until the first update a state has no history, so its operand is cast with current scaling
-(and its amax still recorded): the first step behaves like the tensorwise recipe.
+(and its amax still recorded): the first step behaves like the tensorwise recipe. A non-finite
+recorded amax (an overflowing step) enters the history as zero.
 The histories, scales and that flag are buffers, so checkpoints carry them.
 """
 
@@ -37,6 +38,14 @@ class DelayedScale(nn.Module):
         # Mirror of `initialized` in Python, so the forward pass branches without a device sync.
         self.ready = False
         self.register_load_state_dict_post_hook(_mirror_initialized)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the state of a new layer: empty history, unit scale (e.g. after `to_empty`)."""
+        self.amax_history.zero_()
+        self.scale.fill_(1.0)
+        self.initialized.fill_(False)
+        self.ready = False
 
     @property
     def current_amax(self) -> torch.Tensor:
@@ -75,7 +84,9 @@ def update_delayed_scales(states: Iterable[DelayedScale]) -> None:
         by_kind.setdefault(key, []).append(state)
     for members in by_kind.values():
         first = members[0]
-        history = torch.stack([m.amax_history for m in members])
+        # A step whose tensors overflowed (the trainer skips its update) records inf or nan; it
+        # must not set the scale to zero for the length of the history, so it counts as no amax.
+        history = torch.stack([m.amax_history for m in members]).nan_to_num_(nan=0.0, posinf=0.0)
         scales = scale_from_amax(history.amax(dim=1), first.fmt, first.power_of_two, first.amax_floor,
                                  first.margin)
         rotated = history.roll(1, dims=1)

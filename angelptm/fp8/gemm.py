@@ -2,7 +2,10 @@
 
 Per-tensor and per-row scales go through `torch._scaled_mm` (cuBLASLt on NVIDIA GPUs, a
 reference implementation on CPU): `a.data` row-major and `b.data.t()` column-major is exactly
-the layout it wants. Blockwise scales, which cuBLAS does not take in the torch versions we
+the layout it wants, and it writes the result in the dtype asked for (bf16 under autocast) with
+no separate cast pass. `fast_accum` lets the tensor cores accumulate without periodic FP32
+promotion; like torchao, the forward GEMM uses it and the two gradient GEMMs do not.
+Blockwise scales, which cuBLAS does not take in the torch versions we
 support, go through the Triton kernel that promotes each 128-long K-slice to FP32
 (`kernels.blockwise_mm`).
 """
@@ -20,13 +23,17 @@ from angelptm.fp8.scaling import Quantized
 _SUPPORTED: dict[tuple, bool] = {}
 
 
-def scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype, backend: Optional[str] = None) -> torch.Tensor:
+def scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype, *, fast_accum: bool = False,
+              backend: Optional[str] = None) -> torch.Tensor:
     """(M, N) = a (M, K) @ b (N, K)^T, dequantized, in `out_dtype`."""
     if a.kind == "tile":
         return blockwise_mm(a, b, out_dtype, backend)
     scale_b = b.scale_inv.reshape(1, -1) if b.kind == "row" else b.scale_inv
-    mm_dtype = out_dtype if _accepts(a.data.device, a.kind, out_dtype) else torch.bfloat16
-    out = torch._scaled_mm(a.data, b.data.t(), a.scale_inv, scale_b, out_dtype=mm_dtype)
+    if _accepts(a.data.device, a.kind, out_dtype):
+        return torch._scaled_mm(a.data, b.data.t(), a.scale_inv, scale_b, out_dtype=out_dtype,
+                                use_fast_accum=fast_accum)
+    out = torch._scaled_mm(a.data, b.data.t(), a.scale_inv, scale_b, out_dtype=torch.bfloat16,
+                           use_fast_accum=fast_accum)
     return out.to(out_dtype)
 
 

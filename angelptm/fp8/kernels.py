@@ -1,9 +1,16 @@
 """The FP8 quantization passes, each either a Triton kernel or its torch reference.
 
-`cast_tensorwise` (fused amax + scale + cast, optionally emitting the transposed copy from the
-same read), `cast_groups` (per row, or per 1x128 tile, along either dimension) and `cast_blocks`
-(128x128) return `Quantized` operands ready for `gemm.scaled_mm`; `blockwise_mm` is the GEMM of
-the blockwise recipe.
+`cast_tensorwise` (one scale; current or given), `cast_rowwise` (one scale per row for the
+row-major copy, per column for the transposed copy) each emit both FP8 copies a GEMM operand
+needs from a single read of the tensor; `cast_tiles` (1x128 tiles along either dimension) and
+`cast_blocks` (128x128) serve the blockwise recipe, whose GEMM is `blockwise_mm`. All return
+`Quantized` operands ready for `gemm.scaled_mm`.
+
+On the GPU a cast is at most two launches and never waits for the device: amaxes that must be
+known before the cast (current scaling, per-row and per-column scales) come from one torch
+reduction kernel each (`torch.linalg.vector_norm(x, inf)`, exact and without an |x| temporary),
+which the cast kernel reads on the device; everything else (scales, their reciprocals, the
+recorded amax of delayed scaling) happens inside the cast kernel.
 
 Which implementation runs: `backend="triton"` or `"torch"` forces one; the default `"auto"`
 (or the environment variable ANGELPTM_FP8_BACKEND) uses the kernels for CUDA tensors and the
@@ -13,6 +20,7 @@ triton is imported; the tests do that to hold each kernel to its reference bit f
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -26,9 +34,8 @@ from angelptm.fp8.formats import Fp8Format
 from angelptm.fp8.scaling import BLOCK, Quantized, all_reduce_max
 
 BACKENDS = ("auto", "triton", "torch")
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
-_MAX_AMAX_PROGRAMS = 1024  # amax partials; the cast kernel reduces them all in one block
-_AMAX_BLOCK = 4096
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+OptionalPair = tuple[Optional[Quantized], Optional[Quantized]]
 
 
 def use_triton(x: torch.Tensor, backend: Optional[str] = None) -> bool:
@@ -38,10 +45,10 @@ def use_triton(x: torch.Tensor, backend: Optional[str] = None) -> bool:
     if backend == "torch":
         return False
     if backend == "triton":
-        if not _HAVE_TRITON:
+        if not HAVE_TRITON:
             raise UserError("fp8 backend 'triton' needs the triton package; install it or use backend 'torch'")
         return True
-    return x.is_cuda and _HAVE_TRITON
+    return x.is_cuda and HAVE_TRITON
 
 
 def _tk():
@@ -49,94 +56,144 @@ def _tk():
     return triton_kernels
 
 
+@functools.lru_cache(maxsize=None)
 def _format_args(fmt: Fp8Format) -> dict:
+    """The kernels' compile-time description of a format (cached: launches are on the hot path)."""
     return dict(FMAX=fmt.max, MANT=fmt.mantissa_bits, MIN_EXP=fmt.min_normal_exp)
 
 
-def amax(x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-    """max |x| as a 0-dim FP32 tensor."""
+def amax(x: torch.Tensor, dim: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """max |x| over `dim` (all elements when None) in x's dtype, which holds it exactly."""
     if not use_triton(x, backend):
-        return x.abs().amax().float()
-    return _amax_partials(x.contiguous()).amax()
+        return x.abs().amax(dim=dim) if dim is not None else x.abs().amax()
+    return torch.linalg.vector_norm(x, float("inf"), dim=dim)
 
 
-def _amax_partials(x: torch.Tensor) -> torch.Tensor:
-    n = x.numel()
-    programs = max(1, min(math.ceil(n / _AMAX_BLOCK), _MAX_AMAX_PROGRAMS))
-    partials = torch.empty(programs, dtype=torch.float32, device=x.device)
-    _tk().amax_partials_kernel[(programs,)](x, partials, n, BLOCK=_AMAX_BLOCK, num_warps=8)
-    return partials
+# Tiles of the cast kernel: a transposing cast stores 128-byte column segments of the transposed
+# copy; a plain one reads 256-byte row segments. Both leave many programs per SM.
+_TILE_T = dict(BLOCK_R=128, BLOCK_C=64, num_warps=8)
+_TILE_ROWS = dict(BLOCK_R=32, BLOCK_C=128, num_warps=4)
+
+
+def _launch_cast(x: torch.Tensor, fmt: Fp8Format, row_src: torch.Tensor, col_src: torch.Tensor, *,
+                 per_vector: bool, src_is_scale: bool, rows: bool, transpose: bool,
+                 record_amax: Optional[torch.Tensor], power_of_two: bool, amax_floor: float):
+    n_rows, n_cols = x.shape
+    dev = x.device
+    out = torch.empty((n_rows, n_cols), dtype=fmt.dtype, device=dev) if rows else None
+    out_t = torch.empty((n_cols, n_rows), dtype=fmt.dtype, device=dev) if transpose else None
+    if per_vector:
+        row_inv = torch.empty((n_rows, 1), dtype=torch.float32, device=dev) if rows else None
+        col_inv = torch.empty((n_cols, 1), dtype=torch.float32, device=dev) if transpose else None
+    else:
+        row_inv = col_inv = torch.empty((), dtype=torch.float32, device=dev)
+    tile = _TILE_T if transpose else _TILE_ROWS
+    grid = (cdiv(n_rows, tile["BLOCK_R"]), cdiv(n_cols, tile["BLOCK_C"]))
+    # Outputs a launch does not write still need a pointer: any tensor on the device will do.
+    _tk().cast_kernel[grid](
+        x, _or(out, out_t), _or(out_t, out), row_src, col_src, _or(row_inv, col_inv), _or(col_inv, row_inv),
+        _or(record_amax, row_src), n_rows, n_cols, x.stride(0), amax_floor,
+        POW2=power_of_two, PER_VECTOR=per_vector, SRC_IS_SCALE=src_is_scale, WRITE_ROWS=rows, WRITE_T=transpose,
+        RECORD_AMAX=record_amax is not None, **tile, **_format_args(fmt))
+    return out, out_t, row_inv, col_inv
+
+
+def _or(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+    return a if a is not None else b
 
 
 def cast_tensorwise(x: torch.Tensor, fmt: Fp8Format, *, scale: Optional[torch.Tensor] = None,
-                    power_of_two: bool = False, amax_floor: float = 1e-12, transpose: bool = False,
-                    record_amax: Optional[torch.Tensor] = None, amax_groups: Sequence = (),
-                    backend: Optional[str] = None) -> tuple[Quantized, Optional[Quantized]]:
-    """One scale for the 2-D tensor x; see `scaling.quantize_tensorwise` for the arguments."""
+                    power_of_two: bool = False, amax_floor: float = 1e-12, rows: bool = True,
+                    transpose: bool = False, record_amax: Optional[torch.Tensor] = None,
+                    amax_groups: Sequence = (), backend: Optional[str] = None) -> OptionalPair:
+    """One scale for the 2-D tensor x: the row-major copy (`rows`) and the transposed one
+    (`transpose`). See `scaling.quantize_tensorwise` for the arguments."""
     if not use_triton(x, backend):
-        return scaling.quantize_tensorwise(x, fmt, scale=scale, power_of_two=power_of_two, amax_floor=amax_floor,
-                                           transpose=transpose, record_amax=record_amax, amax_groups=amax_groups)
+        q, q_t = scaling.quantize_tensorwise(x, fmt, scale=scale, power_of_two=power_of_two, amax_floor=amax_floor,
+                                             transpose=transpose, record_amax=record_amax, amax_groups=amax_groups)
+        return (q if rows else None), q_t
     x = x.contiguous()
-    rows, cols = x.shape
-    out = torch.empty((rows, cols), dtype=fmt.dtype, device=x.device)
-    out_t = torch.empty((cols, rows), dtype=fmt.dtype, device=x.device) if transpose else out
-    scale_inv = torch.empty((), dtype=torch.float32, device=x.device)
     if scale is None:
-        source = all_reduce_max(_amax_partials(x), amax_groups)
+        src = amax(x, backend="triton")
+        if amax_groups:
+            src = all_reduce_max(src.float(), amax_groups)
     else:
-        source = scale
-    block_r, block_c = 64, 64
-    grid = (cdiv(rows, block_r), cdiv(cols, block_c))
-    _tk().cast_tensorwise_kernel[grid](
-        x, out, out_t, source, scale_inv, record_amax if record_amax is not None else scale_inv,
-        rows, cols, x.stride(0), source.numel(), amax_floor,
-        FROM_AMAX=scale is None, POW2=power_of_two, WRITE_T=transpose, RECORD_AMAX=record_amax is not None,
-        SRC_BLOCK=max(16, next_pow2(source.numel())), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
-        **_format_args(fmt))
-    q = Quantized(out, scale_inv, "tensor")
-    return q, (Quantized(out_t, scale_inv, "tensor") if transpose else None)
+        src = scale
+    cast = functools.partial(_launch_cast, fmt=fmt, row_src=src, col_src=src, per_vector=False,
+                             src_is_scale=scale is not None, power_of_two=power_of_two, amax_floor=amax_floor)
+    if transpose and _transpose_before_cast(x):
+        # The transposed copy is the row-major cast of x^T: same scale, same recorded amax.
+        out_t, _, scale_inv, _ = cast(x.t().contiguous(), rows=True, transpose=False, record_amax=record_amax)
+        out = cast(x, rows=True, transpose=False, record_amax=None)[0] if rows else None
+    else:
+        out, out_t, scale_inv, _ = cast(x, rows=rows, transpose=transpose, record_amax=record_amax)
+    return _quantized(out, scale_inv, "tensor"), _quantized(out_t, scale_inv, "tensor")
 
 
-def cast_groups(x: torch.Tensor, fmt: Fp8Format, *, group: Optional[int], dim: int, power_of_two: bool = False,
-                amax_floor: float = 1e-12, backend: Optional[str] = None) -> Quantized:
-    """Scales per `group` elements along `dim` (rowwise when group is None); dim=0 returns the
-    transposed operand. See `scaling.quantize_groups`."""
+def _transpose_before_cast(x: torch.Tensor) -> bool:
+    """Whether a transposed FP8 copy of x must come from transposing x first.
+
+    On an H100 (Triton 3.6) the fused cast-and-transpose of the tensorwise and 128x128-block
+    kernels wrote wrong FP8 codes for float32 sources at training sizes, while the same kernels'
+    row-major copies, and their transposes of bfloat16 sources, were exact. Transposing the float32
+    tensor and casting it row-major costs one extra pass (weights: once per optimizer step) and
+    gives the same codes and scales as the reference.
+    """
+    return x.dtype == torch.float32
+
+
+def cast_rowwise(x: torch.Tensor, fmt: Fp8Format, *, rows: bool = True, transpose: bool = False,
+                 power_of_two: bool = False, amax_floor: float = 1e-12, backend: Optional[str] = None
+                 ) -> OptionalPair:
+    """The row-major copy with one scale per row (`rows`) and the transposed copy with one scale
+    per column of x (`transpose`), from one read of x. See `scaling.quantize_groups`."""
     if not use_triton(x, backend):
-        return scaling.quantize_groups(x, fmt, group=group, dim=dim, power_of_two=power_of_two,
+        opts = dict(group=None, power_of_two=power_of_two, amax_floor=amax_floor)
+        return (scaling.quantize_groups(x, fmt, dim=1, **opts) if rows else None,
+                scaling.quantize_groups(x, fmt, dim=0, **opts) if transpose else None)
+    x = x.contiguous()
+    row_amax = amax(x, dim=1, backend="triton") if rows else None
+    col_amax = amax(x, dim=0, backend="triton") if transpose else None
+    out, out_t, row_inv, col_inv = _launch_cast(
+        x, fmt, _or(row_amax, col_amax), _or(col_amax, row_amax), per_vector=True, src_is_scale=False,
+        rows=rows, transpose=transpose, record_amax=None, power_of_two=power_of_two, amax_floor=amax_floor)
+    return _quantized(out, row_inv, "row"), _quantized(out_t, col_inv, "row")
+
+
+def _quantized(data: Optional[torch.Tensor], scale_inv: torch.Tensor, kind: str) -> Optional[Quantized]:
+    return None if data is None else Quantized(data, scale_inv, kind)
+
+
+def cast_tiles(x: torch.Tensor, fmt: Fp8Format, *, dim: int, power_of_two: bool = False,
+               amax_floor: float = 1e-12, backend: Optional[str] = None) -> Quantized:
+    """One scale per 1x128 tile along `dim`; dim=0 returns the transposed operand. See
+    `scaling.quantize_groups`."""
+    if not use_triton(x, backend):
+        return scaling.quantize_groups(x, fmt, group=BLOCK, dim=dim, power_of_two=power_of_two,
                                        amax_floor=amax_floor)
     src = x.t() if dim == 0 else x
     rows, cols = src.shape
     out = torch.empty((rows, cols), dtype=fmt.dtype, device=x.device)
-    opts = dict(POW2=power_of_two, **_format_args(fmt))
-    # Tiles are long on the input's contiguous dimension so loads coalesce.
-    contiguous_cols = src.stride(1) == 1
-    if group is None:
-        amax = torch.zeros(rows, dtype=torch.float32, device=x.device)
-        scale_inv = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-        block_r, block_c = (16, 128) if contiguous_cols else (128, 16)
-        grid = (cdiv(rows, block_r), cdiv(cols, block_c))
-        strides = (src.stride(0), src.stride(1))
-        _tk().row_amax_kernel[grid](src, amax, rows, cols, *strides, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
-        _tk().cast_rows_kernel[grid](src, out, amax, scale_inv, rows, cols, *strides, amax_floor,
-                                     BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4, **opts)
-        return Quantized(out, scale_inv, "row")
-    if group != BLOCK:
-        raise ValueError(f"tile groups are {BLOCK} long, got {group}")
     n_groups = cdiv(cols, BLOCK)
     scale_inv = torch.empty((rows, n_groups), dtype=torch.float32, device=x.device)
-    block_r = 16 if contiguous_cols else 64
+    # Tiles are long on the input's contiguous dimension so loads coalesce.
+    block_r = 16 if src.stride(1) == 1 else 64
     _tk().cast_tiles_kernel[(cdiv(rows, block_r), n_groups)](
         src, out, scale_inv, rows, cols, src.stride(0), src.stride(1), n_groups, amax_floor,
-        BLOCK_R=block_r, GROUP=BLOCK, num_warps=4, **opts)
+        POW2=power_of_two, BLOCK_R=block_r, GROUP=BLOCK, num_warps=4, **_format_args(fmt))
     return Quantized(out, scale_inv, "tile")
 
 
 def cast_blocks(x: torch.Tensor, fmt: Fp8Format, *, transpose: bool = False, power_of_two: bool = False,
-                amax_floor: float = 1e-12, backend: Optional[str] = None) -> tuple[Quantized, Optional[Quantized]]:
+                amax_floor: float = 1e-12, backend: Optional[str] = None) -> OptionalPair:
     """One scale per 128x128 block, with the transposed copy on request. See `scaling.quantize_blocks`."""
     if not use_triton(x, backend):
         return scaling.quantize_blocks(x, fmt, transpose=transpose, power_of_two=power_of_two,
                                        amax_floor=amax_floor)
+    if transpose and _transpose_before_cast(x):
+        # 128x128 blocks of x^T are the transposes of x's blocks: same amaxes, same scales.
+        return (cast_blocks(x, fmt, power_of_two=power_of_two, amax_floor=amax_floor, backend=backend)[0],
+                cast_blocks(x.t(), fmt, power_of_two=power_of_two, amax_floor=amax_floor, backend=backend)[0])
     x = x.contiguous()
     rows, cols = x.shape
     nr, nc = cdiv(rows, BLOCK), cdiv(cols, BLOCK)
@@ -145,7 +202,7 @@ def cast_blocks(x: torch.Tensor, fmt: Fp8Format, *, transpose: bool = False, pow
     scale_inv = torch.empty((nr, nc), dtype=torch.float32, device=x.device)
     _tk().cast_blocks_kernel[(nr, nc)](
         x, out, out_t, scale_inv, rows, cols, x.stride(0), nc, amax_floor,
-        POW2=power_of_two, WRITE_T=transpose, BLOCK=BLOCK, num_warps=8, **_format_args(fmt))
+        POW2=power_of_two, WRITE_T=transpose, BLOCK=BLOCK, SUB=64, num_warps=4, **_format_args(fmt))
     q = Quantized(out, scale_inv, "block")
     return q, (Quantized(out_t, scale_inv.t().contiguous(), "block") if transpose else None)
 
@@ -158,12 +215,10 @@ def blockwise_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype, backend: Op
     m, k = a.shape
     n = b.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=a.data.device)
-    block_m, block_n = 128, 128
-    grid = (cdiv(m, block_m) * cdiv(n, block_n),)
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, BLOCK),)  # noqa: E731
     _tk().blockwise_gemm_kernel[grid](
         a.data, b.data, out, a.scale_inv, b.scale_inv, m, n, k, cdiv(k, BLOCK),
-        B_ROW_BLOCK=b.block[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, GROUP_M=8,
-        num_warps=8, num_stages=3)
+        B_ROW_BLOCK=b.block[0], EVEN_K=k % BLOCK == 0, BLOCK_N=BLOCK, BLOCK_K=BLOCK)
     return out
 
 
@@ -182,7 +237,3 @@ def blockwise_mm_reference(a: Quantized, b: Quantized, out_dtype: torch.dtype) -
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())

@@ -7,14 +7,20 @@ quantized along the contracted dimension (see `scaling.py`):
     input grad   dx = dy     @ W            a = dy  (M, N),  b = W^T (K, N)
     weight grad  dW = dy^T   @ x            a = dy^T (N, M), b = x^T (K, M)
 
-so each of x, W and dy is quantized twice, once per GEMM it feeds (with tensor-wide scales the
-second copy is the transpose of the first and comes out of the same kernel pass). The forward
+so each of x, W and dy is quantized twice, once per GEMM it feeds; for the tensorwise, delayed
+and rowwise recipes both copies come out of one pass over the tensor. The forward
 keeps only the FP8 x^T for the backward, not x itself.
 
-The FP8 copies of the weight are cast once per optimizer step and reused by every microbatch:
-they are cached against the weight's version counter, which every in-place optimizer update
-bumps, and its storage; no second full-precision copy of the weight is kept. The master weight
-stays in its own dtype, so under autocast an FP32 weight goes straight to FP8.
+The FP8 copies of the weight are cast once per optimizer step and reused by every microbatch;
+no second full-precision copy of the weight is kept. A weight's version counter cannot tell
+when it changed (fused optimizers, and foreach ones in some torch versions, update parameters
+without bumping it), so the cache is dropped explicitly: by a global optimizer step post-hook,
+registered with the first `Float8Linear`, that clears the cache of every live layer after any
+`torch.optim.Optimizer` step (ZeROCache's included); by `update_float8_scales(model)`, which a
+training loop calls once per step whatever its optimizer; and by `refresh_weight()`. Between
+steps the cache is also keyed on the weight's version and storage, which catches in-place
+edits such as `load_state_dict`. The master weight stays in its own dtype, so under autocast an FP32 weight
+goes straight to FP8.
 
 Sharded layouts plug in from outside: a tensor-parallel wrapper hands a shard as the weight and
 the tp group in `amax_groups.weight`, so every shard is scaled like the whole weight.
@@ -22,21 +28,39 @@ the tp group in `amax_groups.weight`, so every shard is scaled like the whole we
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from angelptm.errors import UserError
 from angelptm.fp8 import kernels
 from angelptm.fp8.delayed import DelayedScale
 from angelptm.fp8.gemm import scaled_mm
-from angelptm.fp8.scaling import (BLOCK, AmaxGroups, BlockwiseRecipe, DelayedRecipe, Float8Recipe, Quantized,
+from angelptm.fp8.scaling import (AmaxGroups, BlockwiseRecipe, DelayedRecipe, Float8Recipe, Quantized,
                                   RowwiseRecipe, recipe_from_name)
 
 ROLES = ("input", "weight", "grad_output")
 _ALIGN = 16  # FP8 GEMMs need every dimension, the contracted one included, to be a multiple of 16
+
+_LIVE_LAYERS: "weakref.WeakSet[Float8Linear]" = weakref.WeakSet()
+_step_hook = None
+
+
+def _drop_weight_caches(optimizer, args, kwargs) -> None:
+    """Optimizer step post-hook: after any step every FP8 weight copy may be stale."""
+    for layer in list(_LIVE_LAYERS):
+        layer.refresh_weight()
+
+
+def _track(layer: "Float8Linear") -> None:
+    global _step_hook
+    _LIVE_LAYERS.add(layer)
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_drop_weight_caches)
 
 
 class Float8Linear(nn.Linear):
@@ -65,9 +89,15 @@ class Float8Linear(nn.Linear):
         new._init_scaling_state(linear.weight.device)
         return new
 
+    def __setstate__(self, state) -> None:
+        # Copies and unpickled layers skip __init__ but need their cache dropped on optimizer steps too.
+        super().__setstate__(state)
+        _track(self)
+
     def _init_scaling_state(self, device) -> None:
         """Delayed scaling keeps one `DelayedScale` per operand role as a submodule (so in state_dict)."""
         self._weight_cache: Optional[tuple] = None
+        _track(self)
         if not isinstance(self.recipe, DelayedRecipe):
             return
         r = self.recipe
@@ -96,18 +126,19 @@ class Float8Linear(nn.Linear):
         fmt = {"input": recipe.input_format, "weight": recipe.weight_format, "grad_output": recipe.grad_format}[role]
         opts = dict(power_of_two=recipe.power_of_two_scales, amax_floor=recipe.amax_floor)
         if isinstance(recipe, RowwiseRecipe):
-            return (kernels.cast_groups(x, fmt, group=None, dim=1, **opts) if need_rows else None,
-                    kernels.cast_groups(x, fmt, group=None, dim=0, **opts) if need_t else None)
+            return kernels.cast_rowwise(x, fmt, rows=need_rows, transpose=need_t, **opts)
         if isinstance(recipe, BlockwiseRecipe):
             if role == "weight":
                 return kernels.cast_blocks(x, fmt, transpose=need_t, **opts)
-            return (kernels.cast_groups(x, fmt, group=BLOCK, dim=1, **opts) if need_rows else None,
-                    kernels.cast_groups(x, fmt, group=BLOCK, dim=0, **opts) if need_t else None)
+            return (kernels.cast_tiles(x, fmt, dim=1, **opts) if need_rows else None,
+                    kernels.cast_tiles(x, fmt, dim=0, **opts) if need_t else None)
         if isinstance(recipe, DelayedRecipe):
             state: DelayedScale = getattr(self, f"{role}_scale")
-            return kernels.cast_tensorwise(x, fmt, scale=state.scale if state.ready else None, transpose=need_t,
-                                           record_amax=state.current_amax, amax_groups=state.groups, **opts)
-        return kernels.cast_tensorwise(x, fmt, transpose=need_t, amax_groups=getattr(self.amax_groups, role), **opts)
+            return kernels.cast_tensorwise(x, fmt, scale=state.scale if state.ready else None, rows=need_rows,
+                                           transpose=need_t, record_amax=state.current_amax,
+                                           amax_groups=state.groups, **opts)
+        return kernels.cast_tensorwise(x, fmt, rows=need_rows, transpose=need_t,
+                                       amax_groups=getattr(self.amax_groups, role), **opts)
 
     def quantized_weight(self, need_t: bool) -> tuple[Quantized, Optional[Quantized]]:
         """The weight's FP8 copies, cast at most once per weight update."""
@@ -120,7 +151,7 @@ class Float8Linear(nn.Linear):
         return cache[1], cache[2]
 
     def refresh_weight(self) -> None:
-        """Drop the cached FP8 weight, for code that rewrites the weight without bumping its version."""
+        """Drop the cached FP8 weight; the next forward casts the weight again."""
         self._weight_cache = None
 
 
@@ -129,6 +160,10 @@ def _pad_rows(x: torch.Tensor) -> torch.Tensor:
     weight-gradient GEMM. Zero rows add nothing to any product."""
     extra = -x.shape[0] % _ALIGN
     return F.pad(x, (0, 0, 0, extra)) if extra else x
+
+
+def _unpad_rows(y: torch.Tensor, tokens: int) -> torch.Tensor:
+    return y if y.shape[0] == tokens else y[:tokens]
 
 
 def _tensors(q: Optional[Quantized]) -> tuple:
@@ -148,7 +183,7 @@ class _Float8LinearFn(torch.autograd.Function):
         x2d = _pad_rows(x.reshape(tokens, x.shape[-1]))
         w_rows, w_t = layer.quantized_weight(need_t=need_dgrad)
         x_rows, x_t = layer.quantize("input", x2d, need_rows=True, need_t=need_wgrad)
-        y = scaled_mm(x_rows, w_rows, out_dtype)[:tokens]
+        y = _unpad_rows(scaled_mm(x_rows, w_rows, out_dtype, fast_accum=True), tokens)
         if bias is not None:
             y = y + bias.to(out_dtype)
         ctx.layer, ctx.tokens, ctx.x_shape, ctx.x_dtype = layer, tokens, x.shape, x.dtype
@@ -166,7 +201,7 @@ class _Float8LinearFn(torch.autograd.Function):
         dx = dw = db = None
         if need_dgrad:
             w_t = _operand(w_t_data, w_t_scale, ctx.kinds[0])
-            dx = scaled_mm(dy_rows, w_t, ctx.x_dtype)[:ctx.tokens].view(ctx.x_shape)
+            dx = _unpad_rows(scaled_mm(dy_rows, w_t, ctx.x_dtype), ctx.tokens).view(ctx.x_shape)
         if need_wgrad:
             x_t = _operand(x_t_data, x_t_scale, ctx.kinds[1])
             dw = scaled_mm(dy_t, x_t, ctx.grad_dtypes[0])

@@ -31,6 +31,7 @@ from angelptm.distributed.tensor_parallel import (
     from_checkpoint_state, reduce_partial_gradients, to_checkpoint_state, vocab_parallel_cross_entropy, vocab_slice,
 )
 from angelptm.errors import ConfigError, UserError
+from angelptm.fp8 import update_float8_scales
 from angelptm.models.llama import build_llama, flops_per_token
 from angelptm.train import checkpoint as ckpt
 from angelptm.train.metrics import MetricsLogger, peak_flops
@@ -224,6 +225,7 @@ class Trainer:
         if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        update_float8_scales(self.model)  # delayed FP8 scaling advances every step, skipped ones too
         # Each dp/cp rank saw its own tokens: average, so every rank reports the loss of the whole step.
         loss = all_reduce(torch.tensor(loss, device=self.device), self.data_group).item() / self.data_group.size
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "comm_bytes": comm_bytes()}

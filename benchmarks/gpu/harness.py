@@ -1,9 +1,12 @@
-"""Timing harness of the GPU suite: a global deadline, device timers, alternating comparisons, ratios.
+"""Timing harness of the GPU suite: a global deadline, device timers, alternating comparisons, ratios,
+CUDA-graph replays.
 
 Comparisons run every candidate in the same process, alternating candidate by candidate within
 each repeat, and report the median per candidate plus min/median/max of the per-repeat ratios.
 On CUDA the timer brackets a loop of calls with CUDA events; on CPU (the dry run) it uses the
-wall clock.
+wall clock. Timing a call eagerly measures what a training loop gets, host overhead included
+whenever the host is slower than the device; timing its CUDA-graph replay measures the device
+work alone. The two side by side say which of the two bounds a case.
 """
 
 from __future__ import annotations
@@ -79,6 +82,23 @@ def compare(fns: dict[str, Callable[[], object]], device: torch.device, deadline
         for name, fn in fns.items():
             samples[name].append(time_ms(fn, device, iters[name]))
     return samples
+
+
+def graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """A callable that replays `fn`'s device work from a CUDA graph (`fn` itself off CUDA, where
+    there is nothing to capture). `fn` is warmed up on a side stream first, as capture requires."""
+    if device.type != "cuda":
+        return fn
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def median(xs: list[float]) -> float:

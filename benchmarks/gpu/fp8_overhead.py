@@ -1,0 +1,86 @@
+"""Where the time of one linear layer's forward+backward goes: the host (Python, dispatch, launches)
+or the device.
+
+Per call, for bf16 `nn.Linear` and each FP8 recipe at one shape:
+
+  host_us       time to issue the call: the loop runs without waiting and the device is
+                synchronised once after it, so the host is measured while it runs ahead
+  wall_us       issue plus completion over the same loop: what an eager training loop gets
+  device_ops    kernels, copies and memsets the device ran (from a torch.profiler trace)
+  device_us     their summed duration
+  top_host_ops  the operators with the largest host-side self time (profiled, so inflated;
+                their counts are exact)
+
+host_us well above device_us means the case is bound by the host: a larger layer, more tokens
+per call, or CUDA-graph replay hides it, and fewer launches shrink it; device_us near wall_us
+means the kernels themselves are the cost.
+
+`host_costs` prices the pieces a call is made of on this host, on tiny tensors: an empty
+allocation, a torch reduction, one Triton cast launch (its allocations included) and one
+`torch._scaled_mm`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch.autograd import DeviceType
+
+from harness import sync
+
+from angelptm.fp8 import E4M3, kernels
+
+
+def profile_call(step: Callable[[], object], device: torch.device, calls: int = 5) -> dict:
+    step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    issued = time.perf_counter()
+    sync(device)
+    done = time.perf_counter()
+    result = {"host_us": (issued - start) / calls * 1e6, "wall_us": (done - start) / calls * 1e6}
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            step()
+        sync(device)
+    device_events = [e for e in prof.events() if e.device_type != DeviceType.CPU]
+    result["device_ops"] = len(device_events) / calls
+    result["device_us"] = sum(e.time_range.elapsed_us() for e in device_events) / calls
+    by_self_time = sorted((e for e in prof.key_averages() if e.device_type == DeviceType.CPU),
+                          key=lambda e: e.self_cpu_time_total, reverse=True)
+    result["top_host_ops"] = [{"op": e.key, "calls": e.count / calls, "self_us": e.self_cpu_time_total / calls}
+                              for e in by_self_time[:8]]
+    result["host_ops"] = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / calls
+    return result
+
+
+def host_costs(device: torch.device, calls: int = 200) -> dict:
+    """Host microseconds per call of the building blocks of a Float8Linear call (see above)."""
+    x = torch.randn(16, 16, device=device, dtype=torch.bfloat16)
+    scale = torch.ones((), device=device)
+    x8 = x.to(torch.float8_e4m3fn)
+    pieces = {
+        "torch.empty": lambda: torch.empty((16, 16), dtype=torch.float8_e4m3fn, device=device),
+        "vector_norm": lambda: torch.linalg.vector_norm(x, float("inf")),
+        "cast launch (delayed, rows)": lambda: kernels.cast_tensorwise(x, E4M3, scale=scale),
+        "_scaled_mm": lambda: torch._scaled_mm(x8, x8.t(), scale, scale, out_dtype=torch.bfloat16),
+    }
+    costs = {}
+    for name, fn in pieces.items():
+        for _ in range(10):
+            fn()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        costs[name] = (time.perf_counter() - start) / calls * 1e6
+        sync(device)
+    return costs

@@ -1,0 +1,138 @@
+"""The GPU suite's printed summary: the issue's goals first, then one table per section.
+
+Speedups are eager (what a training loop gets) unless marked graphed (CUDA-graph replay: device
+time alone); "4.13 -> 4.10" loss columns show the first and last step of each curve, "max gap" the
+largest relative difference between the FP8 and bf16 losses at any step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from harness import format_table
+
+GOALS = {"speedup_big": 1.6, "speedup_mid": 1.0, "e2e": 1.3, "cast_fraction": 0.8}
+
+
+def _best(table: dict, get) -> Optional[tuple[str, float]]:
+    scored = [(name, get(row)) for name, row in table.items()]
+    return max(scored, key=lambda t: t[1]) if scored else None
+
+
+def _best_linear(sections: dict, shape: str, mode: str, recipes) -> Optional[tuple[str, float]]:
+    row = sections.get("linear", {}).get("shapes", {}).get(shape, {}).get(mode, {})
+    return _best({rc: row[rc] for rc in recipes if rc in row}, lambda r: r["speedup"]["median"])
+
+
+def _fmt(found: Optional[tuple[str, float]]) -> str:
+    return "not measured" if found is None else f"{found[1]:.2f} ({found[0]})"
+
+
+def goals(sections: dict, squares: list, recipes) -> list[list[str]]:
+    """[goal, target, measured, met] rows: the best recipe per goal (the slowest cast for kernels)."""
+    rows = []
+
+    def add(label: str, target: float, found, extra: str = "") -> None:
+        met = "-" if found is None else ("yes" if found[1] >= target else "NO")
+        rows.append([label, f">= {target}", _fmt(found) + extra, met])
+    for shape, target in ((f"{squares[-1]}^3", GOALS["speedup_big"]), (f"{squares[1]}^3", GOALS["speedup_mid"])):
+        graphed = _best_linear(sections, shape, "graphed", recipes)
+        add(f"fp8 fwd+bwd speedup at {shape}", target, _best_linear(sections, shape, "eager", recipes),
+            f"; graphed {_fmt(graphed)}" if graphed else "")
+    e2e = sections.get("e2e", {}).get("recipes", {})
+    learners = {rc: r for rc, r in e2e.items() if r["fp8_learns"]}
+    if e2e and not learners:
+        rows.append(["end-to-end training speedup", f">= {GOALS['e2e']}", "no FP8 model learns", "NO"])
+    else:  # a speedup counts only where the FP8 model learns
+        add("end-to-end training speedup", GOALS["e2e"], _best(learners, lambda r: r["speedup"]["median"]))
+    ker = {k: v for k, v in sections.get("kernels", {}).get("kernels", {}).items() if k != "amax"}
+    slowest = min(((k, v["fraction_of_copy"]) for k, v in ker.items()), key=lambda t: t[1], default=None)
+    add("slowest cast kernel, fraction of copy", GOALS["cast_fraction"], slowest)
+    stuck = [f"{rc} {r['loss']['fp8'][-1]:.3f} vs bf16 {r['loss']['bf16'][-1]:.3f}"
+             for rc, r in e2e.items() if not r["fp8_learns"]]
+    rows.append(["fp8 models learn like bf16 (e2e loss)", "all recipes",
+                 "not measured" if not e2e else ("all" if not stuck else "NOT: " + "; ".join(stuck)),
+                 "-" if not e2e else ("yes" if not stuck else "NO")])
+    parity = sections.get("parity", {}).get("kernels_bit_exact", {})
+    bad = [k for k, ok in parity.items() if not ok]
+    rows.append(["Triton casts bit-exact on the device", "all", "not measured" if not parity else
+                 ("all" if not bad else f"{len(bad)} differ"), "-" if not parity else ("yes" if not bad else "NO")])
+    return rows
+
+
+def _parity_line(par: dict) -> Optional[str]:
+    if "kernels_bit_exact" not in par:
+        return None
+    bad = []
+    for name, ok in par["kernels_bit_exact"].items():
+        if ok:
+            continue
+        reports = [r for r in par["kernel_diffs"].get(name, []) if "values" in r]
+        counts = ", ".join(f"{r.get('mismatches', '?')}/{r['values']} values, max {r.get('max_ulps', 0)} ulp, "
+                           f"{r.get('signed_zero_only', 0)} sign-of-zero, {r.get('scale_mismatches', 0)} scales"
+                           for r in reports)
+        bad.append(f"{name} [{counts}]")
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in par.get("blockwise_gemm_max_rel_diff", {}).items() if v is not None)
+    return (f"kernel parity: {'all bit-exact' if not bad else 'MISMATCH ' + '; '.join(bad)}; "
+            f"blockwise GEMM max rel diff: {diffs}")
+
+
+def summary(results: dict, squares: list, recipes, elapsed_s: float) -> str:
+    s = results["sections"]
+    lines = [f"FP8 GPU suite ({'DRY RUN on CPU' if results['dry_run'] else 'GPU'}), {elapsed_s:.0f}s"]
+    env = s.get("env", {})
+    if "copy_GBps" in env:
+        lines.append(f"{env.get('device')} | torch {env.get('torch')} triton {env.get('triton')} | copy "
+                     f"{env['copy_GBps']:.0f} GB/s, bf16 {env['bf16_TFLOPs']:.0f} TFLOP/s, FP8 _scaled_mm "
+                     f"{env['fp8_TFLOPs']:.0f} ({env['fp8_fast_accum_TFLOPs']:.0f} fast accum) TFLOP/s "
+                     f"at {env['ceiling_shape']}^3")
+    parity = _parity_line(s.get("parity", {}))
+    if parity:
+        lines.append(parity)
+    lines += ["", format_table(["goal (H100)", "target", "measured", "met"], goals(s, squares, recipes))]
+    for name, sec in s.items():
+        for key in ("error", "skipped", "skipped_from"):
+            if key in sec:
+                lines.append(f"{name}: {key}: {sec[key].strip().splitlines()[-1]}")
+        failures = dict(sec.get("errors", {}))
+        for label, row in sec.get("shapes", {}).items():
+            failures.update({f"{label} {what}": why for what, why in row.get("errors", {}).items()})
+        lines += [f"{name}: {what} failed: {why.strip().splitlines()[-1]}" for what, why in failures.items()]
+
+    over = s.get("overhead", {})
+    if over.get("calls"):
+        rows = [[name, f"{c['host_us']:.0f}", f"{c['wall_us']:.0f}", f"{c['device_ops']:.0f}", f"{c['device_us']:.0f}"]
+                for name, c in over["calls"].items()]
+        lines += ["", f"One fwd+bwd at {over['shape'][0]}^3: host issue time vs device work (us per call)",
+                  format_table(["layer", "host", "wall", "device ops", "device"], rows)]
+        if over.get("host_costs_us"):
+            lines.append("host us per call: " + ", ".join(f"{k} {v:.0f}" for k, v in over["host_costs_us"].items()))
+    lin = s.get("linear", {}).get("shapes", {})
+    if lin:
+        def cell(r: dict, rc: str) -> str:
+            eager, graph = r.get("eager", {}).get(rc), r.get("graphed", {}).get(rc)
+            if eager is None:
+                return "error"
+            text = f"{eager['speedup']['median']:.2f}x ({eager['TFLOPs']:.0f})"
+            return text + (f" g{graph['speedup']['median']:.2f}x" if graph else "")
+        rows = [[label, f"{r['eager']['bf16']['TFLOPs']:.0f}" if "eager" in r else "-"]
+                + [cell(r, rc) for rc in recipes] for label, r in lin.items()]
+        lines += ["", "Float8Linear fwd+bwd: eager speedup vs bf16 (TFLOP/s), g = graphed speedup",
+                  format_table(["shape", "bf16 TF/s", *recipes], rows)]
+    ker = s.get("kernels", {}).get("kernels", {})
+    if ker:
+        rows = [[name, f"{k['GBps']:.0f}", f"{k['fraction_of_copy']:.0%}"] for name, k in ker.items()]
+        lines += ["", "Cast kernels vs device copy", format_table(["kernel", "GB/s", "of copy"], rows)]
+    e2e = s.get("e2e", {})
+    if e2e.get("recipes"):
+        rows = [[rc, f"{r['bf16_tokens_per_s']:.0f}", f"{r['fp8_tokens_per_s']:.0f}", f"{r['speedup']['median']:.2f}x",
+                 f"{r['fp8_mfu']:.1%}" if r["fp8_mfu"] is not None else "-",
+                 f"{r['loss']['bf16'][0]:.2f} -> {r['loss']['bf16'][-1]:.3f}",
+                 f"{r['loss']['fp8'][0]:.2f} -> {r['loss']['fp8'][-1]:.3f}", f"{r['max_rel_loss_gap']:.1%}",
+                 "yes" if r["fp8_learns"] else "NO"]
+                for rc, r in e2e["recipes"].items()]
+        lines += ["", f"Llama {e2e['params'] / 1e9:.2f}B training, {e2e['steps']} steps of {e2e['batch']}x{e2e['seq']} "
+                      "tokens (same weights, same batches)",
+                  format_table(["recipe", "bf16 tok/s", "fp8 tok/s", "speedup", "fp8 MFU", "loss bf16", "loss fp8",
+                                "max gap", "learns"], rows)]
+    return "\n".join(lines)
