@@ -1,0 +1,94 @@
+"""Page collectives over the dp group: asynchronous all-reduce, reduce-scatter and all-gather.
+
+Each call moves one whole page and returns a handle whose `wait()` finishes the operation. The
+bytes each rank sends are counted per operation (`sent_bytes`) using the algorithm that really
+runs: ring all-reduce 2B(n-1)/n, all-gather and reduce-scatter B(n-1)/n for a page of B bytes.
+
+gloo implements reduce-scatter as a full all-reduce (twice the bytes). On gloo we therefore
+reduce-scatter with one all-to-all (each rank sends every other rank its chunk, B(n-1)/n bytes)
+followed by a local sum of the n received chunks; NCCL uses its native ring reduce-scatter.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from angelptm.zerocache.tiers import Allocator
+
+
+class Handle:
+    """An operation in flight; `wait()` completes it (and runs its local epilogue) once."""
+
+    def __init__(self, work: dist.Work, epilogue: Optional[Callable[[], None]] = None):
+        self._work = work
+        self._epilogue = epilogue
+        self._done = False
+
+    def then(self, step: Callable[[], None]) -> "Handle":
+        """Run `step` after the operation and the epilogues added before it."""
+        first = self._epilogue
+
+        def chained() -> None:
+            if first is not None:
+                first()
+            step()
+
+        self._epilogue = chained
+        return self
+
+    def wait(self) -> None:
+        if self._done:
+            return
+        self._work.wait()
+        if self._epilogue is not None:
+            self._epilogue()
+        self._done = True
+
+
+class PageComm:
+    def __init__(self, group: Optional[dist.ProcessGroup], alloc: Allocator):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.alloc = alloc
+        self.direct_reduce_scatter = dist.get_backend(group) == "gloo"
+        self.sent_bytes: Counter = Counter()
+
+    def _share(self, nbytes: int) -> int:
+        return nbytes * (self.size - 1) // self.size
+
+    def all_reduce_sum(self, buffer: torch.Tensor) -> Handle:
+        self.sent_bytes["all_reduce"] += 2 * self._share(buffer.numel() * buffer.element_size())
+        return Handle(dist.all_reduce(buffer, group=self.group, async_op=True))
+
+    def all_gather(self, full: torch.Tensor, shard: torch.Tensor) -> Handle:
+        """Fill `full` with every rank's `shard` (in place when `shard` is this rank's slice)."""
+        self.sent_bytes["all_gather"] += self._share(full.numel() * full.element_size())
+        return Handle(dist.all_gather_single(full, shard, group=self.group, async_op=True))
+
+    def reduce_scatter_add(self, out: torch.Tensor, full: torch.Tensor) -> Handle:
+        """out += the sum over ranks of chunk number `rank` of their `full` (which must stay
+        untouched until the handle is waited on)."""
+        nbytes = full.numel() * full.element_size()
+        self.sent_bytes["reduce_scatter"] += self._share(nbytes)
+        if self.direct_reduce_scatter:
+            received = self.alloc.empty("device", "buffers", full.numel(), full.dtype)
+            work = dist.all_to_all_single(received, full, group=self.group, async_op=True)
+
+            def epilogue() -> None:
+                for chunk in received.view(self.size, -1):  # in rank order, whatever order they came in
+                    out.add_(chunk)
+                self.alloc.free(received, "device", "buffers")
+        else:
+            received = self.alloc.empty("device", "buffers", out.numel(), out.dtype)
+            work = dist.reduce_scatter_single(received, full, group=self.group, async_op=True)
+
+            def epilogue() -> None:
+                out.add_(received)
+                self.alloc.free(received, "device", "buffers")
+
+        return Handle(work, epilogue)

@@ -1,0 +1,151 @@
+"""Stage 3: gather each unit's parameter pages just before it runs, free them right after.
+
+Between uses a page's `full` tensor has no storage; only this rank's `param_shard` exists.
+Hooks on every unit (transformer block, embeddings, norm, head) do the rest:
+
+- forward pre-hook: gather the unit's pages (waiting for a prefetch already in flight), then start
+  gathering the next pages in execution order, up to `prefetch_pages` pages ahead;
+- forward post-hook: release the pages, and hook the unit's outputs so that the pages are
+  gathered again when backward reaches the unit (prefetching in reverse order);
+- after the unit's last parameter gradient has been accumulated (told by the GradReducer), or
+  when backward ends, release them again.
+
+A page is reference-counted by the units using it (a tied embedding is used by two), so it is
+freed only when no running unit needs it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch.autograd import Variable
+from torch.utils._pytree import tree_flatten
+
+from angelptm.zerocache.buffers import PageBuffers
+from angelptm.zerocache.comm import Handle, PageComm
+from angelptm.zerocache.pages import Unit
+from angelptm.zerocache.tiers import Allocator
+
+
+class ParamGatherer:
+    def __init__(self, units: list[Unit], buffers: list[PageBuffers], comm: PageComm,
+                 alloc: Allocator, prefetch_pages: int):
+        self.units = units
+        self.buffers = buffers
+        self.comm = comm
+        self.alloc = alloc
+        self.prefetch_pages = prefetch_pages
+        self._users = [0] * len(buffers)  # running units holding each page
+        self._gathers: dict[int, Handle] = {}  # pages gathered or being gathered
+        self._units_of: dict[int, list[int]] = {}
+        for i, unit in enumerate(units):
+            for p in unit.params:
+                self._units_of.setdefault(id(p), []).append(i)
+        self._in_backward: set[int] = set()  # units whose pages backward holds
+        self._grads_left = [0] * len(units)
+        self._callback_queued = False
+        self._hooks = []
+        for i, unit in enumerate(units):
+            self._hooks.append(unit.module.register_forward_pre_hook(partial(self._pre_forward, i)))
+            self._hooks.append(unit.module.register_forward_hook(partial(self._post_forward, i)))
+
+    # -- pages ---------------------------------------------------------------------------------
+
+    def _gather(self, index: int) -> None:
+        if index in self._gathers:
+            return
+        b = self.buffers[index]
+        storage = b.full.untyped_storage()
+        storage.resize_(b.page.nbytes)
+        self.alloc.ledger.add("device", "params", b.page.nbytes)
+        own = b.full[b.own_start : b.own_stop]
+        own.copy_(b.param_shard, non_blocking=True)  # host -> device when offloaded
+        self._gathers[index] = self.comm.all_gather(b.full, own)
+
+    def _free(self, index: int) -> None:
+        self._gathers.pop(index).wait()  # never free memory a collective still writes
+        b = self.buffers[index]
+        b.full.untyped_storage().resize_(0)
+        self.alloc.ledger.sub("device", "params", b.page.nbytes)
+
+    def _acquire(self, unit: int) -> None:
+        for index in self.units[unit].pages:
+            self._gather(index)
+            self._gathers[index].wait()
+            self._users[index] += 1
+
+    def _release(self, unit: int) -> None:
+        for index in self.units[unit].pages:
+            self._users[index] -= 1
+            if self._users[index] == 0:
+                self._free(index)
+
+    def _prefetch(self, order: list[int]) -> None:
+        """Start gathering the pages of the units in `order` until `prefetch_pages` are ahead."""
+        ahead = sum(1 for i in self._gathers if self._users[i] == 0)
+        for unit in order:
+            for index in self.units[unit].pages:
+                if ahead >= self.prefetch_pages:
+                    return
+                if index not in self._gathers:
+                    self._gather(index)
+                    ahead += 1
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def _pre_forward(self, unit: int, module, args) -> None:
+        self._acquire(unit)
+        self._prefetch(list(range(unit + 1, len(self.units))))
+
+    def _post_forward(self, unit: int, module, args, output) -> None:
+        self._release(unit)
+        if torch.is_grad_enabled():
+            tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            for t in tensors:
+                t.register_hook(partial(self._pre_backward, unit))
+
+    def _pre_backward(self, unit: int, grad: torch.Tensor) -> None:
+        if not self._callback_queued:
+            self._callback_queued = True
+            Variable._execution_engine.queue_callback(self._end_backward)
+        if unit in self._in_backward:
+            return
+        self._in_backward.add(unit)
+        self._grads_left[unit] = len(self.units[unit].params)
+        self._acquire(unit)
+        self._prefetch(list(range(unit - 1, -1, -1)))
+
+    def on_param_grad(self, param: torch.nn.Parameter) -> None:
+        """Called by the GradReducer once `param`'s gradient is accumulated."""
+        for unit in self._units_of[id(param)]:
+            if unit in self._in_backward:
+                self._grads_left[unit] -= 1
+                if self._grads_left[unit] == 0:
+                    self._in_backward.discard(unit)
+                    self._release(unit)
+
+    def _end_backward(self) -> None:
+        for unit in sorted(self._in_backward):
+            self._release(unit)
+        self._in_backward.clear()
+        for index in [i for i in self._gathers if self._users[i] == 0]:  # unused prefetches
+            self._free(index)
+        self._callback_queued = False
+
+    def gather_all(self) -> None:
+        """Gather every page (for evaluation or export outside the hooks); undo with free_all."""
+        for index in range(len(self.buffers)):
+            self._gather(index)
+            self._gathers[index].wait()
+            self._users[index] += 1
+
+    def free_all(self) -> None:
+        for index in range(len(self.buffers)):
+            self._users[index] -= 1
+            if self._users[index] == 0:
+                self._free(index)
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
