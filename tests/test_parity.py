@@ -93,3 +93,17 @@ def test_fp8_layouts_track_single_process(recipe):
     reference = run_layout(world_size=1, overrides=overrides)
     for result in run_layouts([{"tp": 2}, {"dp": 2}], 2, overrides=overrides):
         assert max(abs(a - b) / b for a, b in zip(result.losses, reference.losses)) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero, layouts, world", [
+    (["zero.stage=1"], [{"dp": 2}], 2),
+    (["zero.stage=2"], [{"dp": 2}], 2),
+    (["zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_params=cpu"], [{"dp": 2}], 2),
+    (["zero.stage=2", "zero.page_mb=0.05"], [{"dp": 2, "pp": 2}, {"dp": 2, "cp": 2}], 4),
+], ids=["stage1", "stage2", "stage3-host", "stage2-with-pp-and-cp"])
+def test_zerocache_stages_through_the_trainer(reference, zero, layouts, world):
+    """ZeROCache, the trainer's data-parallel engine, keeps every layout on the single-process curve."""
+    for layout, result in zip(layouts, run_layouts(layouts, world, overrides=zero)):
+        loss_diff, weight_diff = compare(result, reference)
+        assert loss_diff < TOLERANCE and weight_diff < TOLERANCE, (layout, zero, loss_diff, weight_diff)

@@ -127,6 +127,21 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     assert ".tmp_step_8" not in step_folders(resumed)
 
 
+@pytest.mark.parametrize("sections", [
+    {"precision": {"fp8": {"enabled": True, "recipe": "delayed", "amax_history": 4}}},
+    {"zero": {"stage": 3, "offload_optimizer": "cpu", "page_mb": 0.05}},
+], ids=["fp8-delayed", "zero3-host"])
+def test_resume_carries_fp8_scaling_and_zerocache_state(tmp_path, sections):
+    """Delayed scaling's amax histories and ZeROCache's sharded, offloaded state are in the
+    checkpoint: steps after a resume have the uninterrupted run's losses, bit for bit."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    fit(tiny(straight, train={"steps": 6}, **sections))
+    fit(tiny(resumed, train={"steps": 6, "ckpt_every": 3}, **sections))
+    shutil.rmtree(resumed / "checkpoints" / "step_6")
+    fit(tiny(resumed, train={"steps": 6, "ckpt_every": 3, "resume": "auto"}, **sections))
+    assert losses(resumed) == losses(straight)
+
+
 def test_resume_after_a_crash_mid_metrics_line(tmp_path):
     out = tmp_path / "run"
     fit(tiny(out, train={"steps": 4, "ckpt_every": 2}))

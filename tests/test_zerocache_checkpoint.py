@@ -11,7 +11,7 @@ import torch.distributed.checkpoint as dcp
 from angelptm.distributed.spawn import run_distributed
 from angelptm.errors import UserError
 from angelptm.zerocache import ZeROCacheOptimizer
-from angelptm.zerocache.dcp_safe import load
+from angelptm.dcp_safe import load
 from conftest import one_line
 from test_zerocache_support import (
     HYPER, SMALL_PAGES, batches, full_weights, loss_difference, tiny_model, train_steps,

@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 from angelptm.config import Config, ModelConfig, TrainConfig, config_from_dict
 from angelptm.errors import UserError
 from angelptm.models.llama import build_llama
+from angelptm.dcp_safe import read_metadata_file
 from angelptm.train.checkpoint import (
-    SafeFileSystemReader,
     fsync_tree,
     checkpoint_config,
     load_model,
@@ -307,7 +307,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
 def _stored_dtypes(ckpt_dir: Path) -> dict[str, torch.dtype]:
     """The dtype each model tensor has in the checkpoint's files (the loaded model is float32)."""
-    metadata = SafeFileSystemReader(ckpt_dir / "state").read_metadata()
+    metadata = read_metadata_file(ckpt_dir / "state" / ".metadata")
     prefix = "model."
     return {
         key[len(prefix):]: entry.properties.dtype

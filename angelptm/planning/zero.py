@@ -32,6 +32,7 @@ class PageLayout:
     count: int
     largest: int
     widest_unit: int
+    widest_unit_numel: int  # elements of the unit whose pages add up to the most
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -75,6 +76,7 @@ def page_layout(m: ModelShape, tp: int, n_layers: int, units: tuple[str, ...], i
         params=n_layers * sum(block) + sum(sum(numels) for numels in outside),
         total=sum(sum(p) for p in unit_pages), count=sum(len(p) for p in unit_pages),
         largest=max(max(p) for p in unit_pages), widest_unit=max(len(p) for p in unit_pages),
+        widest_unit_numel=max(sum(p) for p in unit_pages),
     )
 
 
@@ -114,11 +116,10 @@ def zero_bytes(m: ModelShape, lay: Layout, cfg: Config, impl: Implementation, n_
     in_flight = 0.0
     if impl.paged:
         total = pages.total
-        if stage >= 2:  # a fresh gradient bucket per page being reduced
-            flight_pages = pages.widest_unit + max(2, z.prefetch_pages)
+        if stage >= 2:  # the running unit's buckets; a bucket and a receive buffer per reduction in flight
+            in_flight = (pages.widest_unit_numel + 2 * max(2, z.prefetch_pages) * pages.largest) * pb
             if stage == 3:  # whole units gathered, two at once for a tied pair, plus the prefetch
-                flight_pages += 2 * pages.widest_unit + z.prefetch_pages
-            in_flight = flight_pages * pages.largest * pb
+                in_flight += (2 * pages.widest_unit_numel + z.prefetch_pages * pages.largest) * pb
     else:
         total = _round_up(pages.params, shards)
     own = total if stage == 0 else total / shards

@@ -9,17 +9,14 @@ A checkpoint is a folder `step_<N>/`:
 
 Each rank writes its own shards, so a checkpoint written with one layout loads into another.
 The folder is written under a temporary name, fsynced, and renamed, so a crash leaves either
-the whole checkpoint or none. DCP keeps its index in a pickle; we read it with an unpickler that
-admits only DCP's own metadata classes, and tensors with `weights_only=True`, so loading a
-checkpoint never runs code from it. A model-only checkpoint (from `import-hf`) has no "optim".
+the whole checkpoint or none. Loading goes through `angelptm.dcp_safe`, so it never runs code
+from the checkpoint. A model-only checkpoint (from `import-hf`) has no "optim".
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
 import shutil
 import warnings
 import zlib
@@ -31,54 +28,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
+from angelptm import dcp_safe
 from angelptm.config import Config, load_config, save_config
 from angelptm.errors import ConfigError, UserError
 
 FORMAT_VERSION = 1
 STEP_PREFIX = "step_"
-
-# (module, name) pairs DCP's metadata pickle may name; anything else is refused.
-_DCP_METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", name)
-    for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
-        "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
-    )
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "WindowsPath"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _DCP_METADATA_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata names {module}.{name}, which is not allowed")
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader, with the metadata read by an allow-list unpickler."""
-
-    def read_metadata(self):
-        path = Path(self.path) / ".metadata"
-        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            from torch.distributed.checkpoint.metadata import StorageMeta
-
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
@@ -263,12 +221,17 @@ def load_state(folder: Path, state: dict[str, Any]) -> None:
     folder = Path(folder)
     try:
         with _single_process_quiet():
-            dcp.load(state, storage_reader=SafeFileSystemReader(folder / "state"))
-    except (pickle.UnpicklingError, EOFError) as e:
-        raise _corrupt(folder, f"unreadable index: {e}") from None
-    except Exception as e:  # DCP wraps per-rank failures; a shape or key mismatch lands here too
+            dcp_safe.load(state, folder / "state")
+    except UserError:
+        raise
+    except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures (shape, key, truncation)
         first = str(e).strip().splitlines()
         raise _corrupt(folder, first[-1] if first else type(e).__name__) from None
+
+
+def stored_keys(folder: Path) -> set[str]:
+    """The flattened keys of the state a checkpoint holds (e.g. "model.norm.weight")."""
+    return set(dcp_safe.read_metadata_file(Path(folder) / "state" / ".metadata").state_dict_metadata)
 
 
 def restore_rng(folder: Path) -> None:
@@ -296,7 +259,8 @@ def checkpoint_config(folder: Path) -> Config:
 
 
 def save_model_checkpoint(folder: Path, cfg: Config, model_state: dict[str, torch.Tensor]) -> Path:
-    """Write a checkpoint holding only model weights (full tensors), e.g. imported from elsewhere."""
+    """Write a checkpoint holding only model weights (full tensors, keyed by parameter name), e.g.
+    imported from elsewhere."""
     return save_checkpoint(Path(folder), cfg, {"model": model_state}, {"step": 0, "kind": "model"})
 
 
@@ -310,7 +274,6 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[Config
     model = build_llama(cfg.model, "meta")
     model.to_empty(device=device)
     model.tie_weights()
-    state = {"model": model.state_dict()}
-    load_state(folder, state)
-    model.load_state_dict(state["model"])
+    # Parameters by their first name (a tied head shares the embedding's), filled in place.
+    load_state(folder, {"model": {name: p.detach() for name, p in model.named_parameters()}})
     return cfg, model

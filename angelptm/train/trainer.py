@@ -17,26 +17,25 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from angelptm import distributed
 from angelptm.config import Config, save_config
 from angelptm.data import TokenSampler, build_dataset
-from angelptm.distributed.collectives import all_reduce, all_reduce_coalesced, comm_bytes, group_of, reset_comm_bytes
+from angelptm.distributed.collectives import all_reduce, comm_bytes, group_of, reset_comm_bytes
 from angelptm.distributed.context_parallel import shard_sequence
-from angelptm.distributed.mesh import DATA_DIMS, ParallelDims, device_of, validate_layout, world_from_env
-from angelptm.distributed.parallelize import clip_grad_norm_
-from angelptm.distributed.pipeline import PipelineRunner, build_schedule, merge_stages, split_model, stage_layer_ranges
-from angelptm.distributed.tensor_parallel import (
-    from_checkpoint_state, reduce_partial_gradients, to_checkpoint_state, vocab_parallel_cross_entropy, vocab_slice,
+from angelptm.distributed.mesh import (
+    DATA_DIMS, ParallelDims, device_of, needs_grads_in_params, validate_layout, world_from_env,
 )
+from angelptm.distributed.pipeline import PipelineRunner, build_schedule, merge_stages, split_model, stage_layer_ranges
+from angelptm.distributed.tensor_parallel import vocab_parallel_cross_entropy, vocab_slice
 from angelptm.errors import ConfigError, UserError
 from angelptm.fp8 import update_float8_scales
 from angelptm.models.llama import build_llama, flops_per_token
 from angelptm.train import checkpoint as ckpt
 from angelptm.train.metrics import MetricsLogger, peak_flops
-from angelptm.train.optim import build_adamw
+from angelptm.train.optim import ReplicatedAdamW
 from angelptm.train.schedule import lr_at
+from angelptm.zerocache import ZeROCacheOptimizer
 
 
 class Trainer:
@@ -57,7 +56,7 @@ class Trainer:
         meta_model = build_llama(cfg.model, "meta")
         schedule = build_schedule(p.pp_schedule, self.dims.pp, self.accum_steps, p.pp_virtual_stages)
         stage_layer_ranges(meta_model, self.dims.pp * p.pp_virtual_stages, t.seq_len)  # can the layers be split?
-        self.mesh = distributed.init(self.dims, cfg.parallel.backend)
+        self.mesh = distributed.init(self.dims, self._backend())
         self.rank = dist.get_rank()
         self.dp_rank = self.mesh["dp"].get_local_rank()
         # tp ranks share a microbatch; cp ranks split its sequence; dp and cp together split the step's tokens.
@@ -84,7 +83,7 @@ class Trainer:
             for stage in split_model(meta_model, self.pp.rank, self.pp.size, p.pp_virtual_stages, t.seq_len)
         ]
         self.model = merge_stages(stages)  # this rank's parameters under their full names
-        self.optimizer = build_adamw(self.model, cfg.optim)
+        self.optimizer = self._build_optimizer()
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if cfg.precision.dtype == "bfloat16" else nullcontext()
@@ -117,11 +116,28 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
     # Set-up helpers
 
+    def _backend(self) -> str:
+        """train.device=cpu keeps a job on the CPU (gloo) even where GPUs are present."""
+        backend, device = self.cfg.parallel.backend, self.cfg.train.device
+        if device == "cpu" and backend == "nccl":
+            raise ConfigError("train.device=cpu cannot use parallel.backend=nccl; set parallel.backend=gloo or auto")
+        return "gloo" if device == "cpu" else backend
+
     def _pick_device(self, wanted: str) -> torch.device:
         device = device_of(self.mesh)
         if wanted == "cuda" and device.type != "cuda":
             raise ConfigError("train.device=cuda but no CUDA device is in use; set train.device=auto")
         return device
+
+    def _build_optimizer(self):
+        """ZeROCache shards over dp × cp. Layouts that need gradients in `.grad`, which ZeROCache
+        keeps in its pages, take the replicated AdamW (validate_layout refuses zero stages and
+        offload there): tensor parallelism sums tp-partial gradients, and the zero-bubble
+        schedule adds its postponed weight gradients after the backward hooks have run."""
+        if needs_grads_in_params(self.dims, self.cfg):
+            return ReplicatedAdamW(self.model, self.mesh, self.cfg.optim)
+        norm_groups = (self.pp.pg,) if self.pp.size > 1 else ()  # stages hold different parameters
+        return ZeROCacheOptimizer.from_config(self.model, self.data_group.pg, self.cfg, norm_groups)
 
     def _build_dataset(self):
         """Rank 0 builds any cache first, so ranks do not race to write it; its error stops every rank."""
@@ -161,16 +177,17 @@ class Trainer:
 
     def _load(self, folder: Path, record: dict[str, Any]) -> int:
         """Load model (and, for a training checkpoint, optimizer, sampler, RNG); return the next step."""
-        if not ckpt.has_optimizer_state(record):
-            state = to_checkpoint_state({"model": self.model.state_dict()}, self.model, self.mesh)
-            ckpt.load_state(folder, state)
-            self.model.load_state_dict(from_checkpoint_state(state, self.model)["model"])
-            return 0
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = to_checkpoint_state({"model": model_state, "optim": optim_state}, self.model, self.mesh)
+        state = self._checkpoint_state()
+        training_checkpoint = ckpt.has_optimizer_state(record)
+        if not training_checkpoint:
+            del state["optim"]  # weights only (e.g. imported): the moments start at zero
+        stored = ckpt.stored_keys(folder)  # buffers of features the saving run had (FP8 scaling state)
+        state["buffers"] = {k: v for k, v in state["buffers"].items() if f"buffers.{k}" in stored}
         ckpt.load_state(folder, state)
-        state = from_checkpoint_state(state, self.model)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.optimizer.load_state_dict(state)
+        self.model.load_state_dict(state["buffers"], strict=False)
+        if not training_checkpoint:
+            return 0
         if record.get("world_size") == dist.get_world_size():
             ckpt.restore_rng(folder)
         return self.sampler.load_state_dict(record["sampler"])
@@ -216,33 +233,28 @@ class Trainer:
             inputs.append(shard_sequence(rows[:, :-1], self.cp, self.cfg.parallel.cp_mode))
             targets.append(shard_sequence(rows[:, 1:], self.cp, self.cfg.parallel.cp_mode))
         # Forward and backward of every microbatch, in the order the pipeline schedule says; the
-        # gradients are left in the parameters as the mean over the microbatches.
-        loss = self.runner.step(inputs, targets)
-        reduce_partial_gradients(self.model, self.tp)
-        self._all_reduce_gradients()
-        grad_norm = self._clip_gradients()
+        # gradients (the mean over the microbatches) are reduced over dp × cp once, at the end.
+        with self.optimizer.no_sync():
+            loss = self.runner.step(inputs, targets)
+        self.optimizer.reduce_gradients()
+        clip = self.cfg.optim.grad_clip
+        grad_norm = float(self.optimizer.clip_grad_norm_(clip if clip else float("inf")))  # inf: measure only
         skipped = not math.isfinite(grad_norm)
         if not skipped:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         update_float8_scales(self.model)  # delayed FP8 scaling advances every step, skipped ones too
         # Each dp/cp rank saw its own tokens: average, so every rank reports the loss of the whole step.
         loss = all_reduce(torch.tensor(loss, device=self.device), self.data_group).item() / self.data_group.size
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "comm_bytes": comm_bytes()}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "comm_bytes": self._comm_bytes()}
 
-    def _all_reduce_gradients(self) -> None:
-        """Average the gradients over the ranks that split the step's tokens (dp × cp).
-
-        A plain all-reduce of every gradient; ZeROCache replaces it with its sharded reduction.
-        """
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        all_reduce_coalesced(grads, self.data_group)
-        torch._foreach_div_(grads, self.data_group.size)
-
-    def _clip_gradients(self) -> float:
-        clip = self.cfg.optim.grad_clip
-        max_norm = clip if clip else float("inf")  # inf: measure the norm without clipping
-        return clip_grad_norm_(self.model, max_norm, self.mesh)
+    def _comm_bytes(self) -> dict[str, int]:
+        """Bytes this rank sent in the step, per mesh dimension; ZeROCache's page traffic is dp × cp's."""
+        sent = comm_bytes()
+        zerocache_sent = sum(getattr(self.optimizer, "comm_bytes", {}).values())
+        if zerocache_sent:
+            sent[self.data_group.name] = sent.get(self.data_group.name, 0) + zerocache_sent
+        return sent
 
     def _record(self, stats: dict[str, float], step_time: float, mean_step_time: float) -> dict[str, Any]:
         t = self.cfg.train
@@ -250,21 +262,29 @@ class Trainer:
         record = {"step": self.step, **stats, "tokens_per_sec": tokens / step_time, "step_time_s": step_time}
         if self.peak_flops:
             record["mfu"] = self.flops_per_step / step_time / (self.peak_flops * dist.get_world_size())
+        record.update(self.optimizer.memory_metrics())
         if self.device.type == "cuda":
-            record["mem_device_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            record["mem_device_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         record["eta_s"] = mean_step_time * (t.steps - self.step)
         return record
 
     # -----------------------------------------------------------------------------------------
     # Checkpoints
 
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """The engine's parameters and optimizer state, and the model's persistent buffers."""
+        state = self.optimizer.state_dict()
+        params = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
+        state["buffers"] = {k: v.detach().clone() for k, v in self.model.state_dict(keep_vars=True).items()
+                            if k not in params}
+        return state
+
     def save_checkpoint(self) -> Path:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
         train_state = {"step": self.step, "sampler": self.sampler.state_dict(self.step), "kind": "train"}
         return ckpt.save_checkpoint(
             self.ckpt_root / f"{ckpt.STEP_PREFIX}{self.step}",
             self.cfg,
-            to_checkpoint_state({"model": model_state, "optim": optim_state}, self.model, self.mesh),
+            self._checkpoint_state(),
             train_state,
             keep=self.cfg.train.keep_checkpoints,
         )

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from contextlib import contextmanager
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -89,7 +89,9 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
                  weight_decay: float = 0.01, stage: int = 0, page_mb: float = 32.0,
                  offload_optimizer: str = "none", offload_params: str = "none",
                  nvme_dir: Optional[str] = None, device_budget_gb: Optional[float] = None,
-                 prefetch_pages: int = 2):
+                 prefetch_pages: int = 2, norm_groups: Sequence[dist.ProcessGroup] = ()):
+        """`norm_groups`: groups whose ranks hold other parameters (pipeline stages); the global
+        gradient norm that `clip_grad_norm_` measures sums over them too."""
         _check_arguments(stage, page_mb, offload_optimizer, offload_params, nvme_dir, prefetch_pages)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -105,6 +107,7 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         self.device = devices.pop()
         self.stage = stage
         self.group = dp_group(mesh)
+        self.norm_groups = tuple(norm_groups)
         self.ledger = MemoryLedger()
         self._alloc = Allocator(self.device, self.ledger)
         self._comm = PageComm(self.group, self._alloc)
@@ -143,13 +146,13 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def from_config(cls, model: nn.Module, mesh: Union[DeviceMesh, dist.ProcessGroup, None],
-                    cfg) -> "ZeROCacheOptimizer":
+                    cfg, norm_groups: Sequence[dist.ProcessGroup] = ()) -> "ZeROCacheOptimizer":
         """Build from a full `angelptm.Config` (its `zero.*` and `optim.*` keys)."""
         z, o = cfg.zero, cfg.optim
         return cls(model, mesh, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                    stage=z.stage, page_mb=z.page_mb, offload_optimizer=z.offload_optimizer,
                    offload_params=z.offload_params, nvme_dir=z.nvme_dir,
-                   device_budget_gb=z.device_budget_gb, prefetch_pages=z.prefetch_pages)
+                   device_budget_gb=z.device_budget_gb, prefetch_pages=z.prefetch_pages, norm_groups=norm_groups)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -231,6 +234,8 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         squares = torch.stack(norms).square().sum()
         if self.stage >= 1 and self.dp > 1:
             dist.all_reduce(squares, group=self.group)
+        for group in self.norm_groups:
+            dist.all_reduce(squares, group=group)
         total = squares.sqrt() / self._mean_divisor
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         self._grad_scale = self._mean_divisor / coef
@@ -331,7 +336,7 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """Parameters and optimizer state as a DCP state dict (see checkpoint.py): save it with
-        `dcp.save`; to resume, fill it with `dcp_safe.load(state, path)` and pass it back to
+        `dcp.save`; to resume, fill it with `angelptm.dcp_safe.load(state, path)` and pass it back to
         `load_state_dict`."""
         self._reducer.wait_all()
         return checkpoint.build_state_dict(self)

@@ -1,4 +1,5 @@
-"""Load torch.distributed.checkpoint (DCP) folders without running pickled code.
+"""Load torch.distributed.checkpoint (DCP) folders without running pickled code (trainer checkpoints,
+ZeROCache state, model-only imports alike).
 
 DCP's FileSystemReader reads the `.metadata` file with plain `pickle.load`, which would run any
 callable a crafted file names. `SafeFileSystemReader` reads it with an unpickler that only
