@@ -54,10 +54,10 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace) -> int:
+def _plan(argv: list[str]) -> int:
     from angelptm.plan import plan_main
 
-    return plan_main(args.rest)
+    return plan_main(argv)
 
 
 def _import_hf(args: argparse.Namespace) -> int:
@@ -84,10 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one config key, e.g. --set train.steps=100 (repeatable)")
     train.set_defaults(run=_train)
 
-    plan = sub.add_parser("plan", help="memory, FLOPs, communication and step time for a layout",
-                          add_help=False)
-    plan.add_argument("rest", nargs=argparse.REMAINDER)
-    plan.set_defaults(run=_plan)
+    # `plan` has its own parser (angelptm.plan); main() hands it the rest of the command line.
+    sub.add_parser("plan", help="memory, FLOPs, communication and step time for a layout", add_help=False)
 
     gen = sub.add_parser("generate", help="print a sample from a checkpoint")
     gen.add_argument("checkpoint", help="a step_<N> folder, or a run's output_dir (its newest checkpoint)")
@@ -112,8 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["plan"]:
+            return _plan(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:

@@ -98,14 +98,14 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 240
     global_batch: int = 8
     micro_batch: int = 8
     seq_len: int = 256
     seed: int = 0
     output_dir: str = "runs/demo"
     log_every: int = 10
-    ckpt_every: int = 100  # 0: only at the end
+    ckpt_every: int = 80  # 0: only at the end
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | never | PATH of a step_<N> folder
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
