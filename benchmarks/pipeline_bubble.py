@@ -89,13 +89,12 @@ class _TimedPasses(torch.autograd.Function):
         stage = ctx.stage
         stage.hold(stage.seconds)
 
-        def weight_pass() -> None:
+        def weight_pass() -> torch.Tensor:
             stage.hold(stage.seconds)
-            grad = (grad_out * x).sum().reshape(1)
-            weight.grad = grad if weight.grad is None else weight.grad + grad
+            return (grad_out * x).sum().reshape(1)
 
-        weight_grad(weight_pass)  # postponed under zero-bubble, run at once otherwise
-        return grad_out * weight, None, None
+        # Postponed under zero-bubble, run at once otherwise.
+        return grad_out * weight, weight_grad(weight, weight_pass), None
 
 
 class TimedStage(nn.Module):

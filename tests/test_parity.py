@@ -9,8 +9,9 @@ import torch.distributed as dist
 
 from angelptm.config import config_from_dict
 from angelptm.distributed.parity import STANDARD_LAYOUTS as LAYOUTS
-from angelptm.distributed.parity import TINY_JOB, compare, run_layout, run_layouts
+from angelptm.distributed.parity import TINY_JOB, compare, relative_difference, run_layout, run_layouts
 from angelptm.distributed.spawn import run_distributed
+from angelptm.train.checkpoint import load_model
 
 TOLERANCE = 1e-4
 CASES = [(world, i) for world, layouts in LAYOUTS.items() for i in range(len(layouts))]
@@ -85,6 +86,26 @@ def test_resume_in_another_layout_continues_the_loss_curve(reference, tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_across_tp_degree_and_zero_stage(reference, tmp_path):
+    """Stopped at step 10 under dp2 × tp2 at ZeRO stage 3 with host offload, resumed under tp4 at
+    stage 1 (kv heads now shared by two ranks, the vocabulary padded otherwise): steps 11-20 match
+    the single-process run, and the last checkpoint loads into a plain model with its weights."""
+    out = f"train.output_dir={tmp_path / 'run'}"
+    saved = ["parallel.dp=2", "parallel.tp=2", "zero.stage=3", "zero.offload_optimizer=cpu",
+             "zero.offload_params=cpu", out]
+    run_distributed(_fit_until, 4, saved, 10, init_group=False)
+    run_distributed(_fit_until, 4, ["parallel.tp=4", "zero.stage=1", "train.resume=auto", out], None,
+                    init_group=False)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines]
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 21))
+    assert max(abs(a - b) / b for a, b in zip(losses, reference.losses)) < TOLERANCE
+    _, model = load_model(tmp_path / "run")
+    assert max(relative_difference(p.detach(), reference.weights[name])
+               for name, p in model.named_parameters()) < TOLERANCE
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
 def test_fp8_layouts_track_single_process(recipe):
     """FP8 under tp2 and dp2 scales each shard like the whole tensor (amaxes reduced over the right
@@ -95,15 +116,29 @@ def test_fp8_layouts_track_single_process(recipe):
         assert max(abs(a - b) / b for a, b in zip(result.losses, reference.losses)) < 1e-3
 
 
+ZERO_BUBBLE = {"pp": 2, "pp_schedule": "zero_bubble"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero, layouts, world", [
-    (["zero.stage=1"], [{"dp": 2}], 2),
-    (["zero.stage=2"], [{"dp": 2}], 2),
-    (["zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_params=cpu"], [{"dp": 2}], 2),
-    (["zero.stage=2", "zero.page_mb=0.05"], [{"dp": 2, "pp": 2}, {"dp": 2, "cp": 2}], 4),
-], ids=["stage1", "stage2", "stage3-host", "stage2-with-pp-and-cp"])
+    (["zero.stage=1"], [{"dp": 2}, {"tp": 2}, ZERO_BUBBLE], 2),
+    (["zero.stage=2"], [{"dp": 2}, {"tp": 2, "sequence_parallel": False}, ZERO_BUBBLE], 2),
+    (["zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_params=cpu"], [{"dp": 2}, {"tp": 2}, ZERO_BUBBLE], 2),
+    (["zero.stage=2", "zero.page_mb=0.05"],
+     [{"dp": 2, "pp": 2}, {"dp": 2, "cp": 2}, {"dp": 2, "tp": 2}, {"dp": 2, **ZERO_BUBBLE}], 4),
+    (["zero.stage=3", "zero.page_mb=0.05"], [{"dp": 2, "tp": 2}, {"tp": 4}, {"tp": 2, **ZERO_BUBBLE}], 4),
+    (["zero.stage=1", "zero.offload_optimizer=cpu"], [{"dp": 2, "tp": 2, "cp": 2}], 8),
+], ids=["stage1", "stage2", "stage3-host", "stage2-4d", "stage3-tp", "stage1-host-dp-tp-cp"])
 def test_zerocache_stages_through_the_trainer(reference, zero, layouts, world):
-    """ZeROCache, the trainer's data-parallel engine, keeps every layout on the single-process curve."""
-    for layout, result in zip(layouts, run_layouts(layouts, world, overrides=zero)):
+    """ZeROCache, the trainer's data-parallel engine, keeps every layout on the single-process curve:
+    tensor parallelism (partial gradients summed over tp, kv heads shared at tp 4, the norm over
+    slices) and the zero-bubble schedule (postponed weight gradients reach the pages) included."""
+    results = run_layouts(layouts, world, overrides=zero)
+    for layout, result in zip(layouts, results):
         loss_diff, weight_diff = compare(result, reference)
         assert loss_diff < TOLERANCE and weight_diff < TOLERANCE, (layout, zero, loss_diff, weight_diff)
+        assert len(set(result.last_losses)) == 1
+    if {"dp": 2, "pp": 2} in layouts:
+        # Zero-bubble's split backward reduces each page once per microbatch, as 1F1B's whole one does.
+        by_layout = {str(layout): result.comm_bytes for layout, result in zip(layouts, results)}
+        assert by_layout[str({"dp": 2, **ZERO_BUBBLE})] == by_layout[str({"dp": 2, "pp": 2})]

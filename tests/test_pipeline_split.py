@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from angelptm.config import ModelConfig
 from angelptm.distributed import materialize
 from angelptm.distributed.pipeline import merge_stages, split_model, stage_layer_ranges
-from angelptm.distributed.pipeline.split_backward import postpone_weight_grads, split_linear_backward
+from angelptm.distributed.pipeline.split_backward import postpone_weight_grads, run_weight_grads, split_linear_backward
 from angelptm.errors import ConfigError
 from angelptm.models.llama import build_llama
 
@@ -93,8 +93,7 @@ def test_split_backward_gives_the_gradients_of_one_backward():
         assert model.layers["0"].attention.wq.weight.grad is None
         assert model.layers["0"].attention_norm.weight.grad is not None
         assert len(work) == 7 * MODEL.n_layers + 1  # q, k, v, o, w1, w2, w3 per layer, and the head
-        for w in work:
-            w()
+        run_weight_grads(work)
         return {n: p.grad for n, p in model.named_parameters()}
 
     plain, split = grads(False), grads(True)

@@ -17,6 +17,8 @@ import pytest
 from angelptm.config import config_from_dict, load_config
 from angelptm.errors import UserError
 from angelptm.cli import main as angelptm_main
+from angelptm.distributed.mesh import ParallelDims, validate_layout
+from angelptm.distributed.pipeline import build_schedule
 from angelptm.plan import plan, render, search
 from angelptm.planning.hardware import BUILTIN, load_hardware, resolve_hardware
 from angelptm.planning.model import model_shape
@@ -263,3 +265,14 @@ def test_preset_is_the_searchs_choice(preset):
     cfg = load_config(ROOT / "configs" / f"{preset}.yaml")
     best = search(cfg, PRESETS[preset], "h100", top=1)[0]
     assert best.layout == plan(cfg, PRESETS[preset], "h100").layout
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_passes_the_trainers_layout_rules(preset):
+    """What `angelptm train` checks of a layout before any process starts, on the preset's world
+    size: the degrees, the model's divisibility (validate_layout, which takes every ZeRO stage and
+    tier with any layout and schedule), the microbatch count and the pipeline schedule."""
+    cfg = load_config(ROOT / "configs" / f"{preset}.yaml")
+    dims = ParallelDims.from_config(cfg.parallel, PRESETS[preset])
+    validate_layout(dims, cfg)
+    build_schedule(cfg.parallel.pp_schedule, dims.pp, cfg.grad_accum_steps(dims.dp), cfg.parallel.pp_virtual_stages)

@@ -1,6 +1,8 @@
 """DCP checkpoints of ZeROCache: resumable under another dp degree, stage, page size and tier, with
-the same next losses; loading never runs pickled code."""
+the same next losses; a tp shard's range lands at its place in the global tensor, padding left
+out; loading never runs pickled code. (Across tp degrees through the trainer: test_parity.py.)"""
 
+import math
 import os
 import pickle
 
@@ -9,9 +11,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from angelptm.distributed.spawn import run_distributed
+from angelptm.distributed.tensor_parallel import ShardSpec
 from angelptm.errors import UserError
 from angelptm.zerocache import ZeROCacheOptimizer
 from angelptm.dcp_safe import load
+from angelptm.zerocache.flat_shard import FlatShard
 from conftest import one_line
 from test_zerocache_support import (
     HYPER, SMALL_PAGES, batches, full_weights, loss_difference, tiny_model, train_steps,
@@ -80,6 +84,28 @@ def _load_plain_weights(weights: dict) -> dict:
     with _optimizer(model, None, dict(stage=3, offload_params="cpu", offload_optimizer="cpu")) as opt:
         opt.load_state_dict({"model": weights})  # full tensors; moments start at zero
         return full_weights(model, opt)
+
+
+@pytest.mark.parametrize("spec, local_shape, flat_range, boxes", [
+    # vocabulary rows 3-4 of 5 on the second of two tp ranks, padded to 3 rows: the padding is left out
+    (ShardSpec((5, 4), dim=0, start=3, length=2), (3, 4), (2, 11), [((3, 2), (1, 2)), ((4, 0), (1, 4))]),
+    # a row-parallel weight's columns 3-5 of 6
+    (ShardSpec((2, 6), dim=1, start=3, length=3), (2, 3), (1, 5), [((0, 4), (1, 2)), ((1, 3), (1, 2))]),
+    # a norm every tp rank holds whole
+    (ShardSpec((4,), copies=2), (4,), (1, 3), [((1,), (2,))]),
+])
+def test_flat_shards_of_tp_slices_describe_the_global_tensor(spec, local_shape, flat_range, boxes):
+    start, stop = flat_range
+    flat = torch.full((stop - start,), -1.0)
+    shard = FlatShard(flat, torch.Size(local_shape), start, spec)
+    assert tuple(shard.shape) == spec.full_shape
+    assert [(tuple(c.offsets), tuple(c.sizes)) for c in shard.__create_chunk_list__()] == boxes
+    whole = torch.arange(float(torch.Size(spec.full_shape).numel())).view(spec.full_shape)
+    shard.copy_from_global(whole)
+    expected = spec.local_value(whole, torch.Size(local_shape)).reshape(-1)[start:stop]
+    real = flat != -1.0  # the padding stays as it was
+    assert torch.equal(flat[real], expected[real])
+    assert int(real.sum()) == sum(math.prod(sizes) for _, sizes in boxes)
 
 
 def test_pickled_objects_in_a_checkpoint_are_refused(tmp_path):

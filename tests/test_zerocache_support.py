@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from angelptm.config import ModelConfig
 from angelptm.distributed.parallelize import apply_activation_checkpointing
 from angelptm.models.llama import build_llama
-from angelptm.train.optim import parameter_groups
+from angelptm.zerocache.optimizer import parameter_groups
 from angelptm.zerocache import ZeROCacheOptimizer
 
 TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=259, max_seq_len=32)

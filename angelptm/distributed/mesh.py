@@ -101,14 +101,6 @@ def validate_layout(dims: ParallelDims, cfg: Config) -> None:
             f"parallel.cp={cp} with cp_mode=ulysses needs the {heads} attention heads per tensor-parallel "
             f"rank (model.n_heads / tp) divisible by cp; use cp_mode=ring or a cp dividing {heads}",
         )
-    z = cfg.zero
-    _rule(
-        not needs_grads_in_params(dims, cfg)
-        or (z.stage == 0 and z.offload_optimizer == z.offload_params == "none" and z.device_budget_gb is None),
-        f"zero.stage={z.stage} (or an offload tier or device budget) with parallel.tp={tp} and "
-        f"pp_schedule={cfg.parallel.pp_schedule}: ZeROCache does not compose with tensor parallelism or the "
-        "zero-bubble schedule yet; set zero.stage=0 without offload, or parallel.tp=1 and another pp_schedule",
-    )
     if cfg.parallel.sequence_parallel and tp > 1:
         local = seq // cp
         _rule(
@@ -116,12 +108,6 @@ def validate_layout(dims: ParallelDims, cfg: Config) -> None:
             f"parallel.tp={tp} with sequence_parallel needs the {local} tokens per context-parallel rank "
             "(train.seq_len / cp) divisible by tp; change seq_len or set parallel.sequence_parallel=false",
         )
-
-
-def needs_grads_in_params(dims: ParallelDims, cfg: Config) -> bool:
-    """Whether the layout needs gradients left in `.grad`: tensor parallelism sums tp-partial
-    gradients there, and the zero-bubble schedule adds its postponed weight gradients there."""
-    return dims.tp > 1 or (dims.pp > 1 and cfg.parallel.pp_schedule == "zero_bubble")
 
 
 def world_from_env() -> tuple[int, int, int]:

@@ -68,14 +68,6 @@ class ShardSpec:
         local.narrow(self.dim, 0, self.length).copy_(full.narrow(self.dim, self.start, self.length))
         return local
 
-    def in_full(self, local: torch.Tensor) -> torch.Tensor:
-        """A zero tensor of the full shape holding `local`'s real entries at this rank's place."""
-        if self.dim is None:
-            return local
-        full = local.new_zeros(self.full_shape)
-        full.narrow(self.dim, self.start, self.length).copy_(local.narrow(self.dim, 0, self.length))
-        return full
-
 
 def replicated_spec(param: torch.Tensor, tp: int) -> ShardSpec:
     """The spec of a parameter every tp rank holds whole (norms without sequence parallelism)."""
@@ -260,22 +252,34 @@ def apply_tensor_parallel(model: nn.Module, group: Group, sequence_parallel: boo
 # Gradients and full weights
 
 
+def sum_over_copies(parts: list[tuple[ShardSpec, torch.Tensor]], group: Group) -> None:
+    """Sum each tensor in place over the tp ranks that hold the same slice of its parameter.
+
+    A tensor may be any part of this rank's value of the parameter (a flat range of it, say), as
+    long as every rank of the group passes the same part. The ranks holding one slice are
+    consecutive (a kv head's tp / n_kv_heads ranks; every rank for a replicated norm), so each
+    part goes to row tp_rank // copies of a zero buffer with a row per slice, and one all-reduce
+    over the tp group sums exactly the copies.
+    """
+    if group.size == 1 or not parts:
+        return
+    rows = [t.new_zeros(group.size // spec.copies, t.numel()) for spec, t in parts]
+    for (spec, t), buffer in zip(parts, rows):
+        buffer[group.rank // spec.copies].copy_(t.reshape(-1))
+    all_reduce_coalesced(rows, group)
+    for (spec, t), buffer in zip(parts, rows):
+        t.copy_(buffer[group.rank // spec.copies].view_as(t))
+
+
 def reduce_partial_gradients(model: nn.Module, group: Group) -> None:
     """Sum the gradient parts of parameters that several tp ranks hold but each sees only part of.
 
     These are the norms under sequence parallelism (each rank saw its own tokens) and kv
-    projections shared by tp / n_kv_heads ranks (each rank served its own query heads). Each part
-    is placed in a full-size buffer, so one all-reduce over the tp group sums exactly the copies.
+    projections shared by tp / n_kv_heads ranks (each rank served its own query heads).
     """
-    if group.size == 1:
-        return
     specs = getattr(model, "shard_specs", {})
-    held = [(specs[name], p) for name, p in model.named_parameters()
-            if name in specs and specs[name].partial_grad and p.grad is not None]
-    buffers = [spec.in_full(p.grad) for spec, p in held]
-    all_reduce_coalesced(buffers, group)
-    for (spec, p), full in zip(held, buffers):
-        p.grad.copy_(spec.local_value(full, p.grad.shape))
+    sum_over_copies([(specs[name], p.grad) for name, p in model.named_parameters()
+                     if name in specs and specs[name].partial_grad and p.grad is not None], group)
 
 
 def local_grad_norm_squared(model: nn.Module, tp: int) -> torch.Tensor:

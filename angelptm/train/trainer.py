@@ -23,9 +23,7 @@ from angelptm.config import Config, save_config
 from angelptm.data import TokenSampler, build_dataset
 from angelptm.distributed.collectives import all_reduce, comm_bytes, group_of, reset_comm_bytes
 from angelptm.distributed.context_parallel import shard_sequence
-from angelptm.distributed.mesh import (
-    DATA_DIMS, ParallelDims, device_of, needs_grads_in_params, validate_layout, world_from_env,
-)
+from angelptm.distributed.mesh import DATA_DIMS, ParallelDims, device_of, validate_layout, world_from_env
 from angelptm.distributed.pipeline import PipelineRunner, build_schedule, merge_stages, split_model, stage_layer_ranges
 from angelptm.distributed.tensor_parallel import vocab_parallel_cross_entropy, vocab_slice
 from angelptm.errors import ConfigError, UserError
@@ -33,7 +31,6 @@ from angelptm.fp8 import update_float8_scales
 from angelptm.models.llama import build_llama, flops_per_token
 from angelptm.train import checkpoint as ckpt
 from angelptm.train.metrics import MetricsLogger, peak_flops
-from angelptm.train.optim import ReplicatedAdamW
 from angelptm.train.schedule import lr_at
 from angelptm.zerocache import ZeROCacheOptimizer
 
@@ -83,7 +80,9 @@ class Trainer:
             for stage in split_model(meta_model, self.pp.rank, self.pp.size, p.pp_virtual_stages, t.seq_len)
         ]
         self.model = merge_stages(stages)  # this rank's parameters under their full names
-        self.optimizer = self._build_optimizer()
+        # ZeROCache, the data-parallel engine, shards over dp × cp; the mesh also tells it the tp
+        # slices (partial gradients, norm, checkpoint places) and the pp stages (norm) it holds.
+        self.optimizer = ZeROCacheOptimizer.from_config(self.model, self.mesh, cfg)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if cfg.precision.dtype == "bfloat16" else nullcontext()
@@ -128,16 +127,6 @@ class Trainer:
         if wanted == "cuda" and device.type != "cuda":
             raise ConfigError("train.device=cuda but no CUDA device is in use; set train.device=auto")
         return device
-
-    def _build_optimizer(self):
-        """ZeROCache shards over dp × cp. Layouts that need gradients in `.grad`, which ZeROCache
-        keeps in its pages, take the replicated AdamW (validate_layout refuses zero stages and
-        offload there): tensor parallelism sums tp-partial gradients, and the zero-bubble
-        schedule adds its postponed weight gradients after the backward hooks have run."""
-        if needs_grads_in_params(self.dims, self.cfg):
-            return ReplicatedAdamW(self.model, self.mesh, self.cfg.optim)
-        norm_groups = (self.pp.pg,) if self.pp.size > 1 else ()  # stages hold different parameters
-        return ZeROCacheOptimizer.from_config(self.model, self.data_group.pg, self.cfg, norm_groups)
 
     def _build_dataset(self):
         """Rank 0 builds any cache first, so ranks do not race to write it; its error stops every rank."""

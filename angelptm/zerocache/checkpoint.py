@@ -3,13 +3,14 @@
     {"model": {<name>: parameter (fp32: the master copy where one exists)},
      "optim": {"exp_avg": {<name>: ...}, "exp_avg_sq": {<name>: ...}, "step": scalar tensor}}
 
-Every value is a `FlatShard` with the parameter's own name and full shape, over the range of it
-this rank owns (its own range; at stage 0 the whole page, which DCP de-duplicates across ranks
-on save). Nothing of the layout (dp degree, stage, page size, tier) appears in the keys, so a
-checkpoint loads into any other layout, and its "model" part into a plain model (export, or the
-model-only checkpoints of import-hf). Loading a state without "optim" loads the weights alone and
-starts the moments from zero, as a fresh optimizer would; its values may also be full tensors
-(a plain model's state_dict).
+Every value is a `FlatShard` with the parameter's own name and global shape (the unsharded,
+unpadded tensor under tensor parallelism), over the range of it this rank owns (its own range; at
+stage 0 the whole page). What several ranks hold alike (stage 0's pages across dp, norms and
+shared kv heads across tp) DCP writes once. Nothing of the layout (dp or tp degree, stage, page
+size, tier) appears in the keys, so a checkpoint loads into any other layout, and its "model"
+part into a plain model (export, or the model-only checkpoints of import-hf). Loading a state
+without "optim" loads the weights alone and starts the moments from zero, as a fresh optimizer
+would; its values may also be global tensors (a plain model's state_dict).
 
 Device- and host-tier state is read and written in place. NVMe-tier state is staged through
 host memory for the duration of a save or load.
@@ -29,12 +30,13 @@ if TYPE_CHECKING:
     from angelptm.zerocache.optimizer import ZeROCacheOptimizer
 
 
-def _shards(b: PageBuffers, own: torch.Tensor) -> Iterator[tuple[str, FlatShard]]:
+def _shards(opt: "ZeROCacheOptimizer", b: PageBuffers, own: torch.Tensor) -> Iterator[tuple[str, FlatShard]]:
     """(name, FlatShard) of every parameter of the page, over `own` (a tensor of the own range)."""
     for slot in b.page.slots:
         lo = max(slot.offset, b.own_start)
         hi = max(lo, min(slot.offset + slot.numel, b.own_stop))  # lo == hi: none of it is ours
-        yield slot.name, FlatShard(own[lo - b.own_start : hi - b.own_start], slot.shape, lo - slot.offset)
+        yield slot.name, FlatShard(own[lo - b.own_start : hi - b.own_start], slot.shape, lo - slot.offset,
+                                   opt._specs[slot.name])
 
 
 def build_state_dict(opt: "ZeROCacheOptimizer") -> dict:
@@ -45,13 +47,13 @@ def build_state_dict(opt: "ZeROCacheOptimizer") -> dict:
         # NVMe state: a host copy that lives as long as the state dict does.
         slab = opt._offload.read_slab(b) if b.state_tier == "nvme" else b.slab
         for target, own in zip((model, exp_avg, exp_avg_sq), b.state_views(slab)):
-            target.update(_shards(b, own))
+            target.update(_shards(opt, b, own))
     step = torch.tensor(float(opt._steps))
     return {"model": model, "optim": {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "step": step}}
 
 
 def _fill(target: dict, source: dict, section: str) -> None:
-    """Copy each source value (a FlatShard, or a full tensor) into the target's own range."""
+    """Copy each source value (a FlatShard, or a global tensor) into the target's own range."""
     for name, shard in target.items():
         if name not in source:
             raise UserError(f"the state has no {section}.{name}; it was saved from another model")
@@ -59,7 +61,7 @@ def _fill(target: dict, source: dict, section: str) -> None:
         if isinstance(value, FlatShard):
             shard.flat.copy_(value.flat)
         else:
-            shard.flat.copy_(value.detach().reshape(-1)[shard.start : shard.start + shard.flat.numel()])
+            shard.copy_from_global(value.detach())
 
 
 def load_state_dict(opt: "ZeROCacheOptimizer", state: dict) -> None:
@@ -70,13 +72,13 @@ def load_state_dict(opt: "ZeROCacheOptimizer", state: dict) -> None:
     for b in opt._buffers:
         slab = opt._offload.new_slab(b).zero_() if b.state_tier == "nvme" else b.slab
         master, exp_avg, exp_avg_sq = b.state_views(slab)
-        _fill(dict(_shards(b, master)), state["model"], "model")
+        _fill(dict(_shards(opt, b, master)), state["model"], "model")
         if optim is None:
             exp_avg.zero_()
             exp_avg_sq.zero_()
         else:
-            _fill(dict(_shards(b, exp_avg)), optim["exp_avg"], "optim.exp_avg")
-            _fill(dict(_shards(b, exp_avg_sq)), optim["exp_avg_sq"], "optim.exp_avg_sq")
+            _fill(dict(_shards(opt, b, exp_avg)), optim["exp_avg"], "optim.exp_avg")
+            _fill(dict(_shards(opt, b, exp_avg_sq)), optim["exp_avg_sq"], "optim.exp_avg_sq")
         if b.state_tier == "nvme":
             opt._offload.write_slab(b, slab)
         if b.separate_master:

@@ -1,22 +1,29 @@
 """`FlatShard`: a parameter-shaped tensor of which this rank holds one range of its flat elements.
 
 ZeROCache shards pages, not tensors, so a rank owns an arbitrary range [start, stop) of a
-parameter's row-major elements (or nothing of it). torch.distributed.checkpoint (DCP) saves and
-reshards such a range when the object describes it through DCP's checkpointable protocol: the
-range is split into a few boxes (N-d chunks), each contiguous in memory, and each box hands DCP a
-view of the local data to write from or read into. The checkpoint then holds every parameter
-under its own name and full shape, like any model checkpoint, and loads into another dp degree,
-stage, page size or tier, or into a plain unsharded model.
+parameter's row-major elements (or nothing of it). Under tensor parallelism that parameter is
+itself this rank's slice of a larger *global* one (its `ShardSpec`: a slice along one dim, maybe
+padded, maybe held by several tp ranks). torch.distributed.checkpoint (DCP) saves and reshards
+such a range when the object describes it through DCP's checkpointable protocol: the range is
+split into a few boxes (N-d chunks), each contiguous in the local tensor, moved to their place in
+the global tensor with the padding cut off, and each box hands DCP a view of the local data to
+write from or read into. The checkpoint then holds every parameter under its own name and global
+shape, like any model checkpoint (tp ranks holding the same slice describe the same boxes, which
+DCP writes once), and loads into another dp or tp degree, stage, page size or tier, or into a
+plain unsharded model.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+if TYPE_CHECKING:
+    from angelptm.distributed.tensor_parallel import ShardSpec
 
 Box = tuple[tuple[int, ...], tuple[int, ...], int]  # (offsets, sizes, first flat element)
 
@@ -50,19 +57,28 @@ def flat_range_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[Box]
 class FlatShard(torch.Tensor):
     _boxes: list[tuple[ChunkStorageMetadata, torch.Tensor]]
     _flat: torch.Tensor
-    _start: int
 
     @staticmethod
-    def __new__(cls, flat: torch.Tensor, shape: torch.Size, start: int) -> "FlatShard":
-        """`flat` holds elements [start, start + flat.numel()) of a tensor of `shape`."""
-        shard = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=flat.dtype, device=flat.device)
+    def __new__(cls, flat: torch.Tensor, shape: torch.Size, start: int,
+                spec: Optional["ShardSpec"] = None) -> "FlatShard":
+        """`flat` holds elements [start, start + flat.numel()) of this rank's tensor of `shape`, which
+        is the slice `spec` says of the global tensor (the whole of it without a spec)."""
+        sharded = spec is not None and spec.dim is not None
+        global_shape = spec.full_shape if sharded else tuple(shape)
+        shard = torch.Tensor._make_wrapper_subclass(cls, global_shape, dtype=flat.dtype, device=flat.device)
         shard._flat = flat
-        shard._start = start
-        shard._boxes = [
-            (ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)),
-             flat[first - start : first - start + math.prod(sizes)].view(sizes))
-            for offsets, sizes, first in flat_range_boxes(tuple(shape), start, start + flat.numel())
-        ]
+        shard._boxes = []
+        for offsets, sizes, first in flat_range_boxes(tuple(shape), start, start + flat.numel()):
+            view = flat[first - start : first - start + math.prod(sizes)].view(sizes)
+            if sharded:  # to the slice's place in the global tensor, without its padding
+                dim = spec.dim
+                kept = min(sizes[dim], spec.length - offsets[dim])
+                if kept <= 0:
+                    continue
+                view = view.narrow(dim, 0, kept)
+                offsets = (*offsets[:dim], offsets[dim] + spec.start, *offsets[dim + 1:])
+                sizes = view.shape
+            shard._boxes.append((ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)), view))
         return shard
 
     @property
@@ -70,10 +86,10 @@ class FlatShard(torch.Tensor):
         """The local elements, in flat order."""
         return self._flat
 
-    @property
-    def start(self) -> int:
-        """The flat index of the first local element."""
-        return self._start
+    def copy_from_global(self, value: torch.Tensor) -> None:
+        """Fill the local elements from `value`, the whole global tensor (a plain model's weight)."""
+        for chunk, view in self._boxes:
+            view.copy_(value[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))])
 
     def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
         return [

@@ -17,6 +17,12 @@ Gradient accumulation: inside `no_sync()`, stages 0-1 keep accumulating locally 
 on the next backward outside it (overlapped with it) or at `reduce_deferred()`; stages 2-3
 reduce-scatter after every backward regardless, since holding whole gradients would defeat their
 purpose. Every pattern gives the exact sum.
+
+Split backward (zero-bubble pipelines, `pipeline.split_backward`): an input-gradient pass gives
+the norms' and embeddings' gradients while the weights' come in a later weight pass (through
+autograd, so these hooks see them too). Where a backward would end with reductions, the
+input-gradient pass leaves its few gradients in `.grad` and reduces nothing; the weight pass
+adds them to the buckets with its own, so each page is reduced once, complete.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Callable
 import torch
 from torch.autograd import Variable
 
+from angelptm.distributed.pipeline.split_backward import postponed_weight_work
 from angelptm.zerocache.buffers import PageBuffers
 from angelptm.zerocache.comm import PageComm
 from angelptm.zerocache.pages import Slot
@@ -49,6 +56,7 @@ class GradReducer:
         self._next = len(buffers) - 1  # the next page to reduce, counting down
         self._in_flight: deque[PageBuffers] = deque()
         self._in_backward = False
+        self._held: dict[int, tuple[PageBuffers, Slot, torch.nn.Parameter]] = {}  # left in .grad for the weight pass
         self._hooks = [
             slot.param.register_post_accumulate_grad_hook(partial(self._on_grad, b, slot))
             for b in buffers for slot in b.page.slots
@@ -61,13 +69,33 @@ class GradReducer:
             b.grad_full = self.alloc.zeros("device", "grads", b.page.numel, b.page.dtype)
         return b.grad_full
 
+    @property
+    def _reduces_after_backward(self) -> bool:
+        return not (self.defer and self.stage <= 1)
+
     def _on_grad(self, b: PageBuffers, slot: Slot, param: torch.nn.Parameter) -> None:
+        if param.grad is None:  # its backward function returned no gradient (a postponed weight's)
+            return
         if not self._in_backward:
             self._in_backward = True
             Variable._execution_engine.queue_callback(self._end_backward)
+        if self._reduces_after_backward and postponed_weight_work() is not None:
+            self._held[id(param)] = (b, slot, param)
+            return
+        self._add_held()
+        if param.grad is not None:  # None: a tied weight held earlier, added just now with this gradient
+            self._add(b, slot, param)
+
+    def _add_held(self) -> None:
+        held, self._held = self._held, {}
+        for b, slot, param in held.values():
+            self._add(b, slot, param)
+
+    def _add(self, b: PageBuffers, slot: Slot, param: torch.nn.Parameter) -> None:
+        """Move `param`'s gradient into its page's bucket; start the page's reduction once complete."""
         bucket = self._bucket(b)
         bucket[slot.offset : slot.offset + slot.numel].view(slot.shape).add_(param.grad)
-        self._deferred |= self.defer and self.stage <= 1
+        self._deferred |= not self._reduces_after_backward
         param.grad = None
         self._arrived[b.page.index] += 1
         self.on_param_grad(param)
@@ -75,7 +103,7 @@ class GradReducer:
             self._start_ready()
 
     def _start_ready(self, flush: bool = False, force: bool = False) -> None:
-        if self.defer and self.stage <= 1 and not force:
+        if not (self._reduces_after_backward or force):
             return
         while self._next >= 0:
             b = self.buffers[self._next]
@@ -107,12 +135,15 @@ class GradReducer:
         self._in_flight.remove(b)
 
     def _end_backward(self) -> None:
+        self._in_backward = False
+        if self._reduces_after_backward and postponed_weight_work():
+            return  # an input-gradient pass: its pages are completed, and reduced, by the weight pass
+        self._add_held()  # an input-gradient pass that postponed nothing is a whole backward
         self._start_ready(flush=True)
-        if not (self.defer and self.stage <= 1):
+        if self._reduces_after_backward:
             self._deferred = False
         self._arrived = [0] * len(self.buffers)
         self._next = len(self.buffers) - 1
-        self._in_backward = False
 
     def reduce_deferred(self) -> None:
         """Start reducing what backward passes under no_sync() left local (stages 0-1)."""

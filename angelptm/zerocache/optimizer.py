@@ -14,7 +14,11 @@ Construction packs the model's trainable parameters into pages (they become view
 decides where each page's parameter shard and optimizer state live (`placement`), and installs
 the hooks that reduce gradients during backward (`grads.GradReducer`) and, at stage 3, gather
 parameters around each unit (`gather.ParamGatherer`). The dp group is the "dp" dimension of a
-DeviceMesh, an explicit ProcessGroup, or the whole world.
+DeviceMesh (with "cp": context-parallel ranks hold the same weights), an explicit ProcessGroup,
+or the whole world. A DeviceMesh also brings the model-parallel dimensions: "tp", whose sharded
+parameters (`model.shard_specs`) get their partial gradients summed, their norm counted and their
+checkpoint placed in the global tensors (tensor_parallel.py), and "pp", whose stages hold other
+parameters, so the global gradient norm sums over it too.
 
 Gradients are averaged over the dp group (like DDP). Parameters' `.grad` stay None: gradients
 live in the pages. At stage 3, parameters have no storage outside a unit's forward and backward;
@@ -26,16 +30,17 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from angelptm.distributed.collectives import Group, group_of
 from angelptm.distributed.mesh import DATA_DIMS, init_process_group
+from angelptm.distributed.tensor_parallel import spec_of
 from angelptm.errors import UserError
-from angelptm.train.optim import parameter_groups
 from angelptm.zerocache import checkpoint
 from angelptm.zerocache.adamw import adamw_
 from angelptm.zerocache.buffers import PageBuffers
@@ -46,6 +51,7 @@ from angelptm.zerocache.ledger import MemoryLedger
 from angelptm.zerocache.offload import OffloadStepper
 from angelptm.zerocache.pages import Page, build_pages, find_units, shard_range
 from angelptm.zerocache.placement import plan_placement, slab_bytes
+from angelptm.zerocache.tensor_parallel import TensorParallelPages
 from angelptm.zerocache.tiers import BLOCK, Allocator, NvmeFile, Transfers
 
 log = logging.getLogger(__name__)
@@ -63,6 +69,25 @@ def dp_group(mesh: Union[DeviceMesh, dist.ProcessGroup, None]) -> dist.ProcessGr
             return mesh["dp", "cp"]._flatten(DATA_DIMS).get_group()
         return mesh["dp"].get_group() if "dp" in names else mesh.get_group()
     return mesh
+
+
+def mesh_dim(mesh: Union[DeviceMesh, dist.ProcessGroup, None], dim: str) -> Group:
+    """The group of a model-parallel dimension ("tp", "pp") of a DeviceMesh; a group of one otherwise."""
+    if isinstance(mesh, DeviceMesh) and dim in (mesh.mesh_dim_names or ()):
+        return group_of(mesh, dim)
+    return Group(dim, None, 0, 1)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: matrices decay; norms and biases do not."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def _check_arguments(stage, page_mb, offload_optimizer, offload_params, nvme_dir, prefetch_pages) -> None:
@@ -89,9 +114,7 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
                  weight_decay: float = 0.01, stage: int = 0, page_mb: float = 32.0,
                  offload_optimizer: str = "none", offload_params: str = "none",
                  nvme_dir: Optional[str] = None, device_budget_gb: Optional[float] = None,
-                 prefetch_pages: int = 2, norm_groups: Sequence[dist.ProcessGroup] = ()):
-        """`norm_groups`: groups whose ranks hold other parameters (pipeline stages); the global
-        gradient norm that `clip_grad_norm_` measures sums over them too."""
+                 prefetch_pages: int = 2):
         _check_arguments(stage, page_mb, offload_optimizer, offload_params, nvme_dir, prefetch_pages)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -100,14 +123,15 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         if len(devices) != 1 or next(iter(devices)).type == "meta":
             raise UserError(f"parameters sit on {sorted(map(str, devices))}; materialise the model on one "
                             "device before building the optimizer")
-        # The trainer's rule, so both optimizers agree: matrices decay, norms and biases do not.
         groups = [g for g in parameter_groups(model, weight_decay) if g["params"]]
         super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        param_group = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self.device = devices.pop()
         self.stage = stage
         self.group = dp_group(mesh)
-        self.norm_groups = tuple(norm_groups)
+        tp, pp = mesh_dim(mesh, "tp"), mesh_dim(mesh, "pp")
+        # Their ranks hold other parameters (or other slices of them): squared norms add up over them.
+        self._norm_groups = [g.pg for g in (tp, pp) if g.size > 1]
         self.ledger = MemoryLedger()
         self._alloc = Allocator(self.device, self.ledger)
         self._comm = PageComm(self.group, self._alloc)
@@ -115,7 +139,9 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         max_in_flight = max(2, prefetch_pages)
 
         units = find_units(model)
-        pages = build_pages(model, units, page_mb, self.dp, lambda param: group_of[id(param)])
+        pages = build_pages(model, units, page_mb, self.dp, lambda param: param_group[id(param)])
+        self._specs = {slot.name: spec_of(model, slot.name, slot.param, tp.size)
+                       for page in pages for slot in page.slots}
         self.placement = plan_placement(
             pages, units, stage, self.dp, offload_optimizer=offload_optimizer, offload_params=offload_params,
             device_budget_gb=device_budget_gb, prefetch_pages=prefetch_pages, max_in_flight=max_in_flight)
@@ -130,6 +156,8 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         self._offload = OffloadStepper([b for b in self._buffers if b.state_tier != "device"], self._alloc,
                                        self._transfers, self._nvme, prefetch_pages)
         self._init_state()
+        self._tp_pages = TensorParallelPages(self._buffers, self._specs, tp)
+        self._tp_summed = False  # whether this step's tp-partial gradients are summed yet
         self._gatherer = ParamGatherer(units, self._buffers, self._comm, self._alloc, prefetch_pages) \
             if stage == 3 else None
         self._reducer = GradReducer(self._buffers, stage, self._comm, self._alloc, max_in_flight,
@@ -146,13 +174,13 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def from_config(cls, model: nn.Module, mesh: Union[DeviceMesh, dist.ProcessGroup, None],
-                    cfg, norm_groups: Sequence[dist.ProcessGroup] = ()) -> "ZeROCacheOptimizer":
+                    cfg) -> "ZeROCacheOptimizer":
         """Build from a full `angelptm.Config` (its `zero.*` and `optim.*` keys)."""
         z, o = cfg.zero, cfg.optim
         return cls(model, mesh, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                    stage=z.stage, page_mb=z.page_mb, offload_optimizer=z.offload_optimizer,
                    offload_params=z.offload_params, nvme_dir=z.nvme_dir,
-                   device_budget_gb=z.device_budget_gb, prefetch_pages=z.prefetch_pages, norm_groups=norm_groups)
+                   device_budget_gb=z.device_budget_gb, prefetch_pages=z.prefetch_pages)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -226,15 +254,23 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         self._reducer.reduce_deferred()
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Global L2 norm of the averaged gradients over all dp shards; scales the next step's
-        gradients by min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_ does."""
+    def _complete_gradients(self) -> None:
+        """Wait for the dp reductions, then sum the tp-partial gradients (once per step)."""
         self._reducer.wait_all()
-        norms = torch._foreach_norm([b.grad_own() for b in self._buffers], 2, dtype=torch.float32)
-        squares = torch.stack(norms).square().sum()
+        if not self._tp_summed:
+            self._tp_pages.sum_partial_gradients()
+            self._tp_summed = True
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global L2 norm of the averaged gradients over all dp shards, tp slices and pp stages;
+        scales the next step's gradients by min(1, max_norm / (norm + 1e-6)) as
+        torch.nn.utils.clip_grad_norm_ does."""
+        self._complete_gradients()
+        squares = self._tp_pages.grad_norm_squared([b.grad_own() for b in self._buffers])
         if self.stage >= 1 and self.dp > 1:
             dist.all_reduce(squares, group=self.group)
-        for group in self.norm_groups:
+        for group in self._norm_groups:
             dist.all_reduce(squares, group=group)
         total = squares.sqrt() / self._mean_divisor
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
@@ -245,7 +281,7 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
     def step(self, closure=None) -> None:
         if closure is not None:
             raise UserError("ZeROCacheOptimizer.step takes no closure; run forward and backward before it")
-        self._reducer.wait_all()
+        self._complete_gradients()
         hypers = [dict(lr=g["lr"], betas=tuple(g["betas"]), eps=g["eps"], weight_decay=g["weight_decay"])
                   for g in self.param_groups]
         self._steps += 1
@@ -259,6 +295,7 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
             self._offload.step(self._step_host, scale, hypers)
         self._publish_params()
         self._grad_scale = None
+        self._tp_summed = False
         sent = Counter(self._comm.sent_bytes)
         self._sent_last_step = dict(sent - self._sent_at_step_end)
         self._sent_at_step_end = sent
@@ -304,6 +341,7 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
             for grad in (b.grad_full, b.grad_shard):
                 if grad is not None:
                     grad.zero_()
+        self._tp_summed = False
         self._grad_scale = None  # a clip measured for a skipped step must not reach the next one
 
     @contextmanager

@@ -23,7 +23,9 @@ from angelptm.distributed.pipeline.schedules import (
     BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, RECV_ACTIVATION, RECV_GRAD, SEND_ACTIVATION, SENDS,
     Action, batches, peer_of,
 )
-from angelptm.distributed.pipeline.split_backward import postpone_weight_grads, split_linear_backward
+from angelptm.distributed.pipeline.split_backward import (
+    WeightWork, postpone_weight_grads, run_weight_grads, split_linear_backward,
+)
 
 Key = tuple[int, int]  # (stage, microbatch)
 
@@ -36,7 +38,7 @@ class _StepState:
         self.outputs: dict[Key, torch.Tensor] = {}  # stage outputs (the scaled loss on the last stage)
         self.input_grads: dict[Key, torch.Tensor] = {}  # waiting to be sent upstream
         self.received: dict[Action, torch.Tensor] = {}  # keyed by the receive action
-        self.weight_work: dict[Key, list[Callable[[], None]]] = {}  # zero-bubble: postponed dW
+        self.weight_work: dict[Key, list[WeightWork]] = {}  # zero-bubble: postponed dW
         self.pending_sends: list[tuple[dist.Work, torch.Tensor]] = []  # tensors kept alive until sent
         self.losses: list[torch.Tensor] = []
 
@@ -116,8 +118,7 @@ class PipelineRunner:
             if action.stage > 0:
                 state.input_grads[key] = stage_input.grad
         else:
-            for work in state.weight_work.pop(key):
-                work()
+            run_weight_grads(state.weight_work.pop(key))
 
     def _forward(self, action: Action, inputs, targets, state: _StepState) -> None:
         key = (action.stage, action.microbatch)
