@@ -311,6 +311,11 @@ def validate(cfg: Config) -> Config:
     _positive(f8, "precision.fp8", "amax_history")
     z = cfg.zero
     _check(0 <= z.stage <= 3, f"zero.stage={z.stage} must be 0, 1, 2 or 3")
+    _check(
+        not f8.fp8_all_gather or (f8.enabled and z.stage == 3 and f8.recipe in ("tensorwise", "rowwise")),
+        "precision.fp8.fp8_all_gather=true gathers stage-3 weights in FP8; it needs precision.fp8.enabled=true, "
+        f"zero.stage=3 (got {z.stage}) and precision.fp8.recipe tensorwise or rowwise (got {f8.recipe})",
+    )
     _positive(z, "zero", "page_mb")
     _check(z.prefetch_pages >= 0, f"zero.prefetch_pages={z.prefetch_pages} must be >= 0")
     _check(

@@ -23,13 +23,16 @@ edits such as `load_state_dict`. The master weight stays in its own dtype, so un
 goes straight to FP8.
 
 Sharded layouts plug in from outside: a tensor-parallel wrapper hands a shard as the weight and
-the tp group in `amax_groups.weight`, so every shard is scaled like the whole weight.
+the tp group in `amax_groups.weight`, so every shard is scaled like the whole weight. A layer can
+also be given its FP8 weight ready-made (`weight_source`): ZeRO-3 gathers the weight already cast
+(FP8 all-gather), so the layer asks for the forward copy in forward and for the transposed copy in
+backward, when the gatherer holds each, and keeps neither in between.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +100,9 @@ class Float8Linear(nn.Linear):
     def _init_scaling_state(self, device) -> None:
         """Delayed scaling keeps one `DelayedScale` per operand role as a submodule (so in state_dict)."""
         self._weight_cache: Optional[tuple] = None
+        # transposed -> the FP8 weight: (out, in) quantized along in, or its (in, out) transpose
+        # quantized along out. Set by whoever holds the weight in FP8 already (see the module doc).
+        self.weight_source: Optional[Callable[[bool], Quantized]] = None
         _track(self)
         if not isinstance(self.recipe, DelayedRecipe):
             return
@@ -181,12 +187,17 @@ class _Float8LinearFn(torch.autograd.Function):
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         lead, tokens = x.shape[:-1], x.numel() // x.shape[-1]
         x2d = _pad_rows(x.reshape(tokens, x.shape[-1]))
-        w_rows, w_t = layer.quantized_weight(need_t=need_dgrad)
+        source = layer.weight_source
+        if source is None:
+            w_rows, w_t = layer.quantized_weight(need_t=need_dgrad)
+        else:  # the transposed copy is asked for in backward
+            w_rows, w_t = source(False), None
         x_rows, x_t = layer.quantize("input", x2d, need_rows=True, need_t=need_wgrad)
         y = _unpad_rows(scaled_mm(x_rows, w_rows, out_dtype, fast_accum=True), tokens)
         if bias is not None:
             y = y + bias.to(out_dtype)
         ctx.layer, ctx.tokens, ctx.x_shape, ctx.x_dtype = layer, tokens, x.shape, x.dtype
+        ctx.source = source
         ctx.grad_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         ctx.kinds = (w_t.kind if w_t is not None else None, x_t.kind if x_t is not None else None)
         ctx.save_for_backward(*_tensors(w_t), *_tensors(x_t))
@@ -200,7 +211,7 @@ class _Float8LinearFn(torch.autograd.Function):
         dy_rows, dy_t = ctx.layer.quantize("grad_output", _pad_rows(dy2d), need_rows=need_dgrad, need_t=need_wgrad)
         dx = dw = db = None
         if need_dgrad:
-            w_t = _operand(w_t_data, w_t_scale, ctx.kinds[0])
+            w_t = _operand(w_t_data, w_t_scale, ctx.kinds[0]) if ctx.source is None else ctx.source(True)
             dx = _unpad_rows(scaled_mm(dy_rows, w_t, ctx.x_dtype), ctx.tokens).view(ctx.x_shape)
         if need_wgrad:
             x_t = _operand(x_t_data, x_t_scale, ctx.kinds[1])

@@ -12,11 +12,16 @@ Hooks on every unit (transformer block, embeddings, norm, head) do the rest:
 
 A page is reference-counted by the units using it (a tied embedding is used by two), so it is
 freed only when no running unit needs it.
+
+Pages of FP8 weights, when `fp8_gather.Float8Gather` is given, are gathered as FP8 codes instead
+(the forward copy in forward, the input-gradient copy in backward); `gather_all` still gathers
+them in full precision.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch
 from torch.autograd import Variable
@@ -24,20 +29,23 @@ from torch.utils._pytree import tree_flatten
 
 from angelptm.zerocache.buffers import PageBuffers
 from angelptm.zerocache.comm import Handle, PageComm
+from angelptm.zerocache.fp8_gather import Float8Gather
 from angelptm.zerocache.pages import Unit
 from angelptm.zerocache.tiers import Allocator
 
 
 class ParamGatherer:
     def __init__(self, units: list[Unit], buffers: list[PageBuffers], comm: PageComm,
-                 alloc: Allocator, prefetch_pages: int):
+                 alloc: Allocator, prefetch_pages: int, fp8: Optional[Float8Gather] = None):
         self.units = units
+        self.fp8 = fp8
         self.buffers = buffers
         self.comm = comm
         self.alloc = alloc
         self.prefetch_pages = prefetch_pages
         self._users = [0] * len(buffers)  # running units holding each page
         self._gathers: dict[int, Handle] = {}  # pages gathered or being gathered
+        self._full: set[int] = set()  # of those, the ones gathered in full precision
         self._units_of: dict[int, list[int]] = {}
         for i, unit in enumerate(units):
             for p in unit.params:
@@ -52,9 +60,18 @@ class ParamGatherer:
 
     # -- pages ---------------------------------------------------------------------------------
 
-    def _gather(self, index: int) -> None:
-        if index in self._gathers:
+    def _gather(self, index: int, full: bool = False) -> None:
+        """Start gathering page `index`: as FP8 codes where it holds FP8 weights, unless `full`."""
+        codes = self.fp8 is not None and index in self.fp8 and not full
+        if index in self._gathers and (codes or index in self._full):
             return
+        if codes:
+            in_backward = torch._C._current_graph_task_id() != -1
+            self._gathers[index] = self.fp8.gather(index, transposed=in_backward)
+            return
+        if index in self._gathers:  # it holds FP8 codes, kept until the page is freed
+            self._gathers[index].wait()
+        self._full.add(index)
         b = self.buffers[index]
         storage = b.full.untyped_storage()
         storage.resize_(b.page.nbytes)
@@ -65,9 +82,13 @@ class ParamGatherer:
 
     def _free(self, index: int) -> None:
         self._gathers.pop(index).wait()  # never free memory a collective still writes
-        b = self.buffers[index]
-        b.full.untyped_storage().resize_(0)
-        self.alloc.ledger.sub("device", "params", b.page.nbytes)
+        if self.fp8 is not None and index in self.fp8:
+            self.fp8.free(index)  # codes gathered for the page, whichever way it was gathered
+        if index in self._full:
+            self._full.remove(index)
+            b = self.buffers[index]
+            b.full.untyped_storage().resize_(0)
+            self.alloc.ledger.sub("device", "params", b.page.nbytes)
 
     def _acquire(self, unit: int) -> None:
         for index in self.units[unit].pages:
@@ -136,7 +157,7 @@ class ParamGatherer:
     def gather_all(self) -> None:
         """Gather every page (for evaluation or export outside the hooks); undo with free_all."""
         for index in range(len(self.buffers)):
-            self._gather(index)
+            self._gather(index, full=True)
             self._gathers[index].wait()
             self._users[index] += 1
 

@@ -45,6 +45,7 @@ from angelptm.zerocache import checkpoint
 from angelptm.zerocache.adamw import adamw_
 from angelptm.zerocache.buffers import PageBuffers
 from angelptm.zerocache.comm import PageComm
+from angelptm.zerocache.fp8_gather import Float8Gather, fp8_gathered_layers
 from angelptm.zerocache.gather import ParamGatherer
 from angelptm.zerocache.grads import GradReducer
 from angelptm.zerocache.ledger import MemoryLedger
@@ -114,8 +115,14 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
                  weight_decay: float = 0.01, stage: int = 0, page_mb: float = 32.0,
                  offload_optimizer: str = "none", offload_params: str = "none",
                  nvme_dir: Optional[str] = None, device_budget_gb: Optional[float] = None,
-                 prefetch_pages: int = 2):
+                 prefetch_pages: int = 2, fp8_all_gather: bool = False):
+        """`fp8_all_gather` (stage 3): gather the weights of FP8 layers as FP8 (fp8_gather.py)."""
         _check_arguments(stage, page_mb, offload_optimizer, offload_params, nvme_dir, prefetch_pages)
+        fp8_layers = fp8_gathered_layers(model) if fp8_all_gather else {}
+        if fp8_all_gather and (stage != 3 or not fp8_layers):
+            raise UserError("precision.fp8.fp8_all_gather gathers stage-3 weights of Float8Linear layers with the "
+                            "tensorwise or rowwise recipe; set zero.stage=3 and such a precision.fp8.recipe, or "
+                            "fp8_all_gather=false")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise UserError("the model has no trainable parameters; nothing to optimise")
@@ -139,7 +146,8 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         max_in_flight = max(2, prefetch_pages)
 
         units = find_units(model)
-        pages = build_pages(model, units, page_mb, self.dp, lambda param: param_group[id(param)])
+        pages = build_pages(model, units, page_mb, self.dp, lambda param: param_group[id(param)],
+                            frozenset(fp8_layers))
         self._specs = {slot.name: spec_of(model, slot.name, slot.param, tp.size)
                        for page in pages for slot in page.slots}
         self.placement = plan_placement(
@@ -158,7 +166,8 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         self._init_state()
         self._tp_pages = TensorParallelPages(self._buffers, self._specs, tp)
         self._tp_summed = False  # whether this step's tp-partial gradients are summed yet
-        self._gatherer = ParamGatherer(units, self._buffers, self._comm, self._alloc, prefetch_pages) \
+        self._fp8 = Float8Gather(self._buffers, fp8_layers, self._comm, self._alloc) if fp8_layers else None
+        self._gatherer = ParamGatherer(units, self._buffers, self._comm, self._alloc, prefetch_pages, self._fp8) \
             if stage == 3 else None
         self._reducer = GradReducer(self._buffers, stage, self._comm, self._alloc, max_in_flight,
                                     self._gatherer.on_param_grad if self._gatherer else lambda param: None)
@@ -180,7 +189,8 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         return cls(model, mesh, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                    stage=z.stage, page_mb=z.page_mb, offload_optimizer=z.offload_optimizer,
                    offload_params=z.offload_params, nvme_dir=z.nvme_dir,
-                   device_budget_gb=z.device_budget_gb, prefetch_pages=z.prefetch_pages)
+                   device_budget_gb=z.device_budget_gb, prefetch_pages=z.prefetch_pages,
+                   fp8_all_gather=cfg.precision.fp8.enabled and cfg.precision.fp8.fp8_all_gather)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -294,6 +304,8 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
             self._step_host.fill_(self._steps)
             self._offload.step(self._step_host, scale, hypers)
         self._publish_params()
+        if self._fp8 is not None:
+            self._fp8.invalidate()
         self._grad_scale = None
         self._tp_summed = False
         sent = Counter(self._comm.sent_bytes)
@@ -381,6 +393,8 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         checkpoint.load_state_dict(self, state_dict)
+        if self._fp8 is not None:
+            self._fp8.invalidate()
 
     def close(self) -> None:
         """Release the NVMe file; the optimizer is unusable afterwards."""

@@ -2,8 +2,8 @@
 
 A page is the unit of communication, offload and prefetch. Parameters are packed whole, in
 execution order, into pages of at most `page_mb`, one pool per dtype and optimizer parameter group
-(so one AdamW call with one weight decay updates a page); a parameter larger than a page gets a
-page of its own. Pages close at the boundary of each *unit* (a transformer block, or
+(so one AdamW call with one weight decay updates a page), and the weights that stage 3 gathers in
+FP8 in pools of their own (`fp8_gather.py`); a parameter larger than a page gets a page of its own. Pages close at the boundary of each *unit* (a transformer block, or
 a module outside the blocks that owns parameters directly), so that stage 3 gathers exactly the
 pages a unit needs. Each page is padded so that it splits into `dp` equal shards whose byte size
 is a multiple of 4 KiB: shards then map straight onto O_DIRECT file I/O.
@@ -42,6 +42,7 @@ class Page:
     group: int  # the optimizer parameter group of every parameter in it
     numel: int  # padded: a multiple of dp · SHARD_ALIGN_NUMEL
     slots: list[Slot] = field(default_factory=list)
+    fp8: bool = False  # holds only weights that stage 3 gathers in FP8
 
     @property
     def nbytes(self) -> int:
@@ -97,24 +98,27 @@ def page_numel_for(page_mb: float, dtype: torch.dtype, dp: int) -> int:
 
 
 def build_pages(model: nn.Module, units: list[Unit], page_mb: float, dp: int,
-                group_of: Callable[[nn.Parameter], int] = lambda param: 0) -> list[Page]:
-    """Pack every trainable parameter of `model` into pages; fill `unit.pages` as a side effect."""
+                group_of: Callable[[nn.Parameter], int] = lambda param: 0,
+                fp8_params: frozenset[int] = frozenset()) -> list[Page]:
+    """Pack every trainable parameter of `model` into pages; fill `unit.pages` as a side effect.
+    `fp8_params`: the ids of the parameters gathered in FP8, which get pages of their own."""
     names = {id(p): n for n, p in model.named_parameters()}
     quantum = dp * SHARD_ALIGN_NUMEL
     pages: list[Page] = []
     page_of: dict[int, int] = {}
     for unit in units:
-        open_pages: dict[tuple[torch.dtype, int], Page] = {}
+        open_pages: dict[tuple[torch.dtype, int, bool], Page] = {}
         for param in unit.params:
             if id(param) in page_of:  # tied: already packed by an earlier unit
                 continue
-            dtype, numel, pool = param.dtype, param.numel(), (param.dtype, group_of(param))
+            dtype, numel = param.dtype, param.numel()
+            pool = (dtype, group_of(param), id(param) in fp8_params)
             capacity = page_numel_for(page_mb, dtype, dp)
             align = max(1, PARAM_ALIGN_BYTES // dtype.itemsize)
             page = open_pages.get(pool)
             offset = _round_up(page.numel, align) if page is not None else 0
             if page is None or numel > capacity or offset + numel > capacity:
-                page = Page(len(pages), dtype, pool[1], 0)
+                page = Page(len(pages), dtype, pool[1], 0, fp8=pool[2])
                 pages.append(page)
                 open_pages[pool] = page
                 offset = 0
