@@ -19,7 +19,8 @@ def test_gpu_suite_dry_run_covers_every_section(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "fp8_suite.json").read_text())
     sections = results["sections"]
-    assert results["dry_run"] and list(sections) == ["env", "parity", "overhead", "linear", "e2e", "kernels"]
+    assert results["dry_run"] and list(sections) == ["env", "parity", "overhead", "linear", "e2e", "kernels",
+                                                     "zerocache"]
     for name, section in sections.items():
         assert not {"error", "skipped", "skipped_from"} & set(section), (name, section)
         assert not section.get("errors"), (name, section["errors"])
@@ -43,6 +44,17 @@ def test_gpu_suite_dry_run_covers_every_section(tmp_path):
         # Same weights, same batches, fused AdamW: every FP8 model learns along with bf16 and stays
         # within 1.5% of its loss at every step (an FP8 model with stale weights drifts 3% away).
         assert row["fp8_learns"] and row["max_rel_loss_gap"] < 0.015, (recipe, row["loss"])
+    zerocache = sections["zerocache"]
+    assert zerocache["backend"] == "gloo" and len(zerocache["runs"]) == 5
+    tiers = {"none": "device", "cpu": "host", "nvme": "nvme"}
+    for name, run in zerocache["runs"].items():
+        # On one rank every layout computes torch AdamW's update: the same losses at every step.
+        assert run["matched"] and run["steps"] == 6, (name, run["loss"])
+        # The optimizer state sits on the tier asked for, and the ledger saw it there.
+        assert run["ledger"][tiers[run["layout"].get("offload_optimizer", "none")]]["optimizer"] > 0, name
+        # The FP8 run's 7 linear layers per block (q, k, v, o, w1, w2, w3) use the FP8 all-gather.
+        assert run["fp8_gathered_layers"] == (2 * 7 if run["layout"].get("fp8_all_gather") else 0), name
+    assert sum(f"ZeROCache {name} = torch AdamW" in proc.stdout for name in zerocache["runs"]) == 5
     tail = proc.stdout.strip().splitlines()
     assert "training" in proc.stdout and tail[-1].split()[0] == "blockwise", "the table comes last"
     assert (tmp_path / "fp8_suite.txt").read_text().strip().splitlines()[-1] == tail[-1]

@@ -19,6 +19,11 @@ import torch.distributed as dist
 
 from angelptm.zerocache.tiers import Allocator
 
+# Newer torch names the single-tensor collectives *_single and deprecates the older names, which
+# the oldest torch this library supports has alone.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class Handle:
     """An operation in flight; `wait()` completes it (and runs its local epilogue) once."""
@@ -68,7 +73,7 @@ class PageComm:
     def all_gather(self, full: torch.Tensor, shard: torch.Tensor) -> Handle:
         """Fill `full` with every rank's `shard` (in place when `shard` is this rank's slice)."""
         self.sent_bytes["all_gather"] += self._share(full.numel() * full.element_size())
-        return Handle(dist.all_gather_single(full, shard, group=self.group, async_op=True))
+        return Handle(_all_gather_single(full, shard, group=self.group, async_op=True))
 
     def reduce_scatter_add(self, out: torch.Tensor, full: torch.Tensor) -> Handle:
         """out += the sum over ranks of chunk number `rank` of their `full` (which must stay
@@ -85,7 +90,7 @@ class PageComm:
                 self.alloc.free(received, "device", "buffers")
         else:
             received = self.alloc.empty("device", "buffers", out.numel(), out.dtype)
-            work = dist.reduce_scatter_single(received, full, group=self.group, async_op=True)
+            work = _reduce_scatter_single(received, full, group=self.group, async_op=True)
 
             def epilogue() -> None:
                 out.add_(received)

@@ -58,11 +58,12 @@ from angelptm.zerocache.tiers import BLOCK, Allocator, NvmeFile, Transfers
 log = logging.getLogger(__name__)
 
 
-def dp_group(mesh: Union[DeviceMesh, dist.ProcessGroup, None]) -> dist.ProcessGroup:
+def dp_group(mesh: Union[DeviceMesh, dist.ProcessGroup, None], device: torch.device) -> dist.ProcessGroup:
     """The process group ZeROCache shards over: the ranks that see different tokens of a mesh
-    (dp, and cp with it: context-parallel ranks hold the same weights), a group, or the world."""
+    (dp, and cp with it: context-parallel ranks hold the same weights), a group, or the world
+    (started for the parameters' device when there is none yet)."""
     if mesh is None:
-        init_process_group()
+        init_process_group("nccl" if device.type == "cuda" else "gloo")
         return dist.group.WORLD
     if isinstance(mesh, DeviceMesh):
         names = mesh.mesh_dim_names or ()
@@ -135,7 +136,7 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         param_group = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self.device = devices.pop()
         self.stage = stage
-        self.group = dp_group(mesh)
+        self.group = dp_group(mesh, self.device)
         tp, pp = mesh_dim(mesh, "tp"), mesh_dim(mesh, "pp")
         # Their ranks hold other parameters (or other slices of them): squared norms add up over them.
         self._norm_groups = [g.pg for g in (tp, pp) if g.size > 1]

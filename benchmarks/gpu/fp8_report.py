@@ -1,5 +1,9 @@
 """The GPU suite's printed summary: the issue's goals first, then one table per section.
 
+The goals table ends with one row per ZeROCache run: its largest per-step relative loss gap to
+torch AdamW against the tolerance, both step times, and the peak bytes ZeROCache held per tier
+(device, host, nvme) during its last step.
+
 Speedups are eager (what a training loop gets) unless marked graphed (CUDA-graph replay: device
 time alone); "4.13 -> 4.10" loss columns show the first and last step of each curve, "max gap" the
 largest relative difference between the FP8 and bf16 losses at any step.
@@ -57,6 +61,17 @@ def goals(sections: dict, squares: list, recipes) -> list[list[str]]:
     bad = [k for k, ok in parity.items() if not ok]
     rows.append(["Triton casts bit-exact on the device", "all", "not measured" if not parity else
                  ("all" if not bad else f"{len(bad)} differ"), "-" if not parity else ("yes" if not bad else "NO")])
+    return rows + zerocache_rows(sections.get("zerocache", {}).get("runs", {}))
+
+
+def zerocache_rows(runs: dict) -> list[list[str]]:
+    """[goal, target, measured, met] per ZeROCache run (see zerocache_check.py)."""
+    rows = []
+    for name, run in runs.items():
+        peaks = " ".join(f"{tier} {run['ledger'][tier]['peak'] / 2**20:.1f}" for tier in ("device", "host", "nvme"))
+        rows.append([f"ZeROCache {name} = torch AdamW", f"loss <= {run['tolerance']:.0e}",
+                     f"gap {run['max_rel_loss_gap']:.1e}, {run['steps']} steps; {run['zerocache_step_ms']:.1f} vs "
+                     f"{run['torch_step_ms']:.1f} ms/step; peak MiB {peaks}", "yes" if run["matched"] else "NO"])
     return rows
 
 

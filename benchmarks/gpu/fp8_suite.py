@@ -1,4 +1,4 @@
-"""FP8 GPU suite: Float8Linear vs bf16 nn.Linear, cast-kernel bandwidth vs copy, ~1B Llama training step.
+"""GPU suite: Float8Linear vs bf16 nn.Linear, cast kernels vs copy, ~1B Llama training step, ZeROCache on CUDA.
 
 Run through `benchmarks/gpu/run.sh OUTDIR [--dry-run]`. Sections, each under its own time
 budget inside one global deadline (whatever does not fit is recorded as skipped):
@@ -16,6 +16,11 @@ budget inside one global deadline (whatever does not fit is recorded as skipped)
             weights on the same batches, in FP8 per recipe; tokens/s, MFU and both loss curves
             (fp8_e2e.py)
   kernels   each cast's bandwidth as a fraction of a device-to-device copy
+  zerocache a small Llama trained ~10 steps by ZeROCacheOptimizer (stage 0; stage 3; stage 3 with
+            state and parameters in pinned host memory; stage 1 with state on NVMe under OUTDIR;
+            stage 3 FP8 with FP8 all-gather) against torch AdamW on the same model: per-step
+            losses, step times, memory ledger (zerocache_check.py); last, because a device fault
+            in code never run on a GPU before would leave the CUDA context unusable
 
 Every comparison alternates its candidates in the same process; ratios are min/median/max
 over repeats. Results go to OUTDIR/fp8_suite.json after every section.
@@ -39,6 +44,7 @@ from fp8_overhead import host_costs, profile_call
 from fp8_parity import awkward_input, run_checks
 from fp8_report import summary
 from harness import Deadline, OutOfTime, compare, graphed, median, ratio_stats
+from zerocache_check import ZEROCACHE_SIZES, run_zerocache
 
 from angelptm.fp8 import E4M3, Float8Linear, kernels, update_float8_scales
 from angelptm.fp8.gemm import scaled_mm
@@ -49,17 +55,17 @@ FULL = dict(
     squares=[1024, 2048, 4096, 8192], overhead_n=2048,
     mlp={"llama3_8b_w1/w3": (8192, 4096, 14336), "llama3_8b_w2": (8192, 14336, 4096)},
     kernel_shape=(8192, 8192), ceiling_n=8192, copy_bytes=1 << 30, parity_shape=(1000, 1040),
-    repeats=5, target_ms=40.0, e2e=E2E_SIZES["full"],
-    budgets={"env": 25, "parity": 40, "overhead": 25, "linear": 80, "kernels": 30, "e2e": 70},
+    repeats=5, target_ms=40.0, e2e=E2E_SIZES["full"], zerocache=ZEROCACHE_SIZES["full"],
+    budgets={"env": 25, "parity": 40, "overhead": 25, "linear": 80, "kernels": 30, "e2e": 70, "zerocache": 60},
 )
 DRY = dict(
     squares=[64, 128, 192], overhead_n=128,
     mlp={"mlp_up": (64, 64, 224), "mlp_down": (64, 224, 64)},
     kernel_shape=(256, 384), ceiling_n=128, copy_bytes=1 << 20, parity_shape=(100, 136),
-    repeats=2, target_ms=5.0, e2e=E2E_SIZES["dry"],
-    budgets={"env": 30, "parity": 30, "overhead": 30, "linear": 60, "kernels": 30, "e2e": 60},
+    repeats=2, target_ms=5.0, e2e=E2E_SIZES["dry"], zerocache=ZEROCACHE_SIZES["dry"],
+    budgets={"env": 30, "parity": 30, "overhead": 30, "linear": 60, "kernels": 30, "e2e": 60, "zerocache": 30},
 )
-SECTIONS = ("env", "parity", "overhead", "linear", "e2e", "kernels")
+SECTIONS = ("env", "parity", "overhead", "linear", "e2e", "kernels", "zerocache")
 
 
 def guarded(fn, errors: dict, key: str):
@@ -316,6 +322,10 @@ class Suite:
 
     def e2e(self, out: dict, deadline: Deadline) -> None:
         run_e2e(out, deadline, self.device, self.sizes["e2e"], RECIPES, guarded, self.save, self.free)
+
+    def zerocache(self, out: dict, deadline: Deadline) -> None:
+        run_zerocache(out, deadline, self.device, self.sizes["zerocache"], self.outdir / "zerocache_nvme", guarded,
+                      self.save, self.free)
 
 
 def main(argv=None) -> int:
