@@ -22,7 +22,9 @@ parameters, so the global gradient norm sums over it too.
 
 Gradients are averaged over the dp group (like DDP). Parameters' `.grad` stay None: gradients
 live in the pages. At stage 3, parameters have no storage outside a unit's forward and backward;
-`gathered_parameters()` materialises them all (for export or evaluation without the model hooks).
+at stages 1-2 the step's parameter gathers finish during the next forward (publish.py).
+`gathered_parameters()` gives every parameter its full, current value (for export or evaluation
+without the model hooks).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from angelptm.zerocache.ledger import MemoryLedger
 from angelptm.zerocache.offload import OffloadStepper
 from angelptm.zerocache.pages import Page, build_pages, find_units, shard_range
 from angelptm.zerocache.placement import plan_placement, slab_bytes
+from angelptm.zerocache.publish import PagePublisher
 from angelptm.zerocache.tensor_parallel import TensorParallelPages
 from angelptm.zerocache.tiers import BLOCK, Allocator, NvmeFile, Transfers
 
@@ -170,6 +173,7 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         self._fp8 = Float8Gather(self._buffers, fp8_layers, self._comm, self._alloc) if fp8_layers else None
         self._gatherer = ParamGatherer(units, self._buffers, self._comm, self._alloc, prefetch_pages, self._fp8) \
             if stage == 3 else None
+        self._publisher = PagePublisher(units, self._buffers, self._comm) if stage in (1, 2) and self.dp > 1 else None
         self._reducer = GradReducer(self._buffers, stage, self._comm, self._alloc, max_in_flight,
                                     self._gatherer.on_param_grad if self._gatherer else lambda param: None)
         self._steps = 0
@@ -293,6 +297,7 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         if closure is not None:
             raise UserError("ZeROCacheOptimizer.step takes no closure; run forward and backward before it")
         self._complete_gradients()
+        self._settle_params()  # the update writes the own ranges the last gathers read
         hypers = [dict(lr=g["lr"], betas=tuple(g["betas"]), eps=g["eps"], weight_decay=g["weight_decay"])
                   for g in self.param_groups]
         self._steps += 1
@@ -339,12 +344,15 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
                 b.param_own().copy_(b.state_views(b.slab)[0])
 
     def _publish_params(self) -> None:
-        """Stages 1-2: every rank updated its shard of each page; all-gather the full pages."""
-        if self.stage not in (1, 2) or self.dp == 1:
-            return
-        handles = [self._comm.all_gather(b.full, b.full[b.own_start : b.own_stop]) for b in self._buffers]
-        for h in handles:
-            h.wait()
+        """Stages 1-2: every rank updated its shard of each page; start gathering the full pages,
+        which the next forward waits for page by page (publish.py)."""
+        if self._publisher is not None:
+            self._publisher.start()
+
+    def _settle_params(self) -> None:
+        """Finish the parameter gathers still in flight (stages 1-2)."""
+        if self._publisher is not None:
+            self._publisher.wait_all()
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -359,8 +367,10 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
 
     @contextmanager
     def gathered_parameters(self) -> Iterator[None]:
-        """Stage 3: give every parameter its full value inside the `with` block (a no-op otherwise)."""
+        """Give every parameter its full, current value inside the `with` block: stage 3 gathers
+        them all; stages 1-2 finish the gathers the last step started."""
         if self._gatherer is None:
+            self._settle_params()
             yield
             return
         self._gatherer.gather_all()
@@ -390,15 +400,18 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         `dcp.save`; to resume, fill it with `angelptm.dcp_safe.load(state, path)` and pass it back to
         `load_state_dict`."""
         self._reducer.wait_all()
+        self._settle_params()
         return checkpoint.build_state_dict(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._settle_params()
         checkpoint.load_state_dict(self, state_dict)
         if self._fp8 is not None:
             self._fp8.invalidate()
 
     def close(self) -> None:
         """Release the NVMe file; the optimizer is unusable afterwards."""
+        self._settle_params()
         if self._nvme is not None:
             self._nvme.close()
             self.ledger.sub("nvme", "optimizer", self._nvme.nbytes)
