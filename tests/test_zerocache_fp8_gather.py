@@ -16,14 +16,19 @@ from test_zerocache_support import HYPER, SMALL_PAGES, batches, full_weights, ti
 
 
 def _fp8_model(recipe: str, checkpointing: str = "none"):
-    model = convert_to_float8(tiny_model(), recipe)
+    """`recipe` for every eligible layer; "mixed": rowwise MLPs, tensorwise attention."""
+    model = tiny_model()
+    if recipe == "mixed":
+        convert_to_float8(model, "rowwise", skip=("output", "attention"))
+    model = convert_to_float8(model, "tensorwise" if recipe == "mixed" else recipe)
     apply_activation_checkpointing(model, checkpointing)
     return model
 
 
-def _train(recipe: str, fp8_all_gather: bool, checkpointing: str = "none", page_mb: float = SMALL_PAGES):
+def _train(recipe: str, fp8_all_gather: bool, checkpointing: str = "none"):
     """(losses, full weights, all-gather bytes of the last step, gathered FP8 weights) on this rank."""
     model = _fp8_model(recipe, checkpointing)
+    page_mb = 8.0 if recipe == "mixed" else SMALL_PAGES  # one page per block: both recipes share it
     with ZeROCacheOptimizer(model, None, **HYPER, stage=3, page_mb=page_mb, fp8_all_gather=fp8_all_gather) as opt:
         losses = train_steps(model, opt, batches(4, 8), accum=2)
         sources = [m.weight_source is not None for m in model.modules() if hasattr(m, "weight_source")]
@@ -36,6 +41,7 @@ def _both(recipe: str, checkpointing: str = "none"):
 
 @pytest.mark.parametrize("recipe, checkpointing", [
     ("tensorwise", "none"), ("rowwise", "none"), ("rowwise", "full"),
+    ("mixed", "none"),  # pages holding both kinds, with large pages
 ])
 def test_fp8_gather_trains_exactly_like_casting_after_the_gather(recipe, checkpointing):
     for plain, fp8 in run_distributed(_both, 2, recipe, checkpointing):

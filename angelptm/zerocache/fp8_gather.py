@@ -170,7 +170,8 @@ class Float8Gather:
     def _cast(self) -> None:
         """This step's scales and own-range codes of every FP8 page."""
         device = self.alloc.device
-        owns = {index: page.buffers.param_own().to(device) for index, page in self.pages.items()}  # host -> device when offloaded
+        # The own ranges, on the device when parameters are offloaded to the host.
+        owns = {index: page.buffers.param_own().to(device) for index, page in self.pages.items()}
         weights = [(index, w) for index, page in self.pages.items() for w in page.weights]
         amaxes = self._complete([self._amax(w, owns[index][w.lo : w.hi]) for index, w in weights],
                                 [w for _, w in weights])
@@ -202,9 +203,12 @@ class Float8Gather:
         """Start gathering page `index`'s codes: the copy for the input-gradient GEMM when
         `transposed` (the forward copy where the two are one), else the forward copy."""
         page = self.pages[index]
+        return self._gather_copy(index, TRANSPOSED if transposed and TRANSPOSED in page.copies else FORWARD)
+
+    def _gather_copy(self, index: int, copy: str) -> Handle:
+        page = self.pages[index]
         if self._stale:
             self._cast()
-        copy = TRANSPOSED if transposed and TRANSPOSED in page.copies else FORWARD
         if copy not in page.gathered:
             codes = self.alloc.empty("device", "params", page.buffers.page.numel, torch.uint8)
             page.gathered[copy] = (codes, self.comm.all_gather(codes, page.own[copy]))
@@ -220,11 +224,10 @@ class Float8Gather:
 
     def _source(self, index: int, w: _Weight):
         def operand(transposed: bool) -> Quantized:
-            self.gather(index, transposed).wait()
-            page = self.pages[index]
-            copy = TRANSPOSED if transposed and TRANSPOSED in page.copies else FORWARD
+            copy = TRANSPOSED if transposed and w.rowwise else FORWARD  # tensorwise: one copy serves both
+            self._gather_copy(index, copy).wait()
             fmt = w.layer.recipe.weight_format
-            codes, _ = page.gathered[copy]
+            codes, _ = self.pages[index].gathered[copy]
             data = codes[w.slot.offset : w.slot.offset + w.slot.numel].view(fmt.dtype).view(w.slot.shape)
             kind = "row" if w.rowwise else "tensor"
             return Quantized(data.t().contiguous() if transposed else data, w.scale_inv[copy], kind)
