@@ -133,6 +133,17 @@ def cast_tiles_kernel(x_ptr, out_ptr, scale_inv_ptr, R, C, stride_r, stride_c, n
 
 
 @triton.jit
+def _block_piece(x_ptr, pid_r, pid_c, i, j, R, C, stride_r, BLOCK: tl.constexpr, SUB: tl.constexpr):
+    """Piece (i, j), SUB x SUB, of block (pid_r, pid_c) of x in float32 (zeros past the edges),
+    with its row and column indices and mask."""
+    rows = pid_r * BLOCK + i * SUB + tl.arange(0, SUB)
+    cols = pid_c * BLOCK + j * SUB + tl.arange(0, SUB)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x, rows, cols, mask
+
+
+@triton.jit
 def cast_blocks_kernel(x_ptr, out_ptr, out_t_ptr, scale_inv_ptr, R, C, stride_r, n_col_blocks, amax_floor,
                        FMAX: tl.constexpr, MANT: tl.constexpr, MIN_EXP: tl.constexpr, POW2: tl.constexpr,
                        WRITE_T: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr):
@@ -146,19 +157,13 @@ def cast_blocks_kernel(x_ptr, out_ptr, out_t_ptr, scale_inv_ptr, R, C, stride_r,
     pid_c = tl.program_id(1)
     amax = 0.0
     for i in tl.static_range(BLOCK // SUB):
-        rows = pid_r * BLOCK + i * SUB + tl.arange(0, SUB)
         for j in tl.static_range(BLOCK // SUB):
-            cols = pid_c * BLOCK + j * SUB + tl.arange(0, SUB)
-            mask = (rows[:, None] < R) & (cols[None, :] < C)
-            x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x, rows, cols, mask = _block_piece(x_ptr, pid_r, pid_c, i, j, R, C, stride_r, BLOCK, SUB)
             amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
     scale = _scale_from_amax(amax, amax_floor, FMAX, POW2)
     for i in tl.static_range(BLOCK // SUB):
-        rows = pid_r * BLOCK + i * SUB + tl.arange(0, SUB)
         for j in tl.static_range(BLOCK // SUB):
-            cols = pid_c * BLOCK + j * SUB + tl.arange(0, SUB)
-            mask = (rows[:, None] < R) & (cols[None, :] < C)
-            x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x, rows, cols, mask = _block_piece(x_ptr, pid_r, pid_c, i, j, R, C, stride_r, BLOCK, SUB)
             q = _quantize(x, scale, FMAX, MANT, MIN_EXP).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + rows[:, None] * C + cols[None, :], q, mask=mask)
             if WRITE_T:
