@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from angelptm.zerocache.comm import Handle
-from angelptm.zerocache.pages import Page
+from angelptm.zerocache.pages import Page, Slot
 
 
 SLAB_GAP_NUMEL = 17 * 1024  # 68 KiB: keeps each segment 4 KiB-aligned, off the others' cache sets
@@ -86,6 +86,11 @@ class PageBuffers:
     @property
     def slab_numel(self) -> int:
         return slab_numel(self.own_numel, self.separate_master)
+
+    def own_part(self, slot: Slot) -> tuple[int, int]:
+        """The page elements [lo, hi) that are both `slot`'s and in the own range (lo == hi: none)."""
+        lo = max(slot.offset, self.own_start)
+        return lo, max(lo, min(slot.offset + slot.numel, self.own_stop))
 
     def param_own(self) -> torch.Tensor:
         if self.stage == 3:

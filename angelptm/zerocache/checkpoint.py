@@ -33,8 +33,7 @@ if TYPE_CHECKING:
 def _shards(opt: "ZeROCacheOptimizer", b: PageBuffers, own: torch.Tensor) -> Iterator[tuple[str, FlatShard]]:
     """(name, FlatShard) of every parameter of the page, over `own` (a tensor of the own range)."""
     for slot in b.page.slots:
-        lo = max(slot.offset, b.own_start)
-        hi = max(lo, min(slot.offset + slot.numel, b.own_stop))  # lo == hi: none of it is ours
+        lo, hi = b.own_part(slot)
         yield slot.name, FlatShard(own[lo - b.own_start : hi - b.own_start], slot.shape, lo - slot.offset,
                                    opt._specs[slot.name])
 

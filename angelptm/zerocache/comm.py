@@ -66,9 +66,9 @@ class PageComm:
     def _share(self, nbytes: int) -> int:
         return nbytes * (self.size - 1) // self.size
 
-    def all_reduce_sum(self, buffer: torch.Tensor) -> Handle:
+    def all_reduce(self, buffer: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Handle:
         self.sent_bytes["all_reduce"] += 2 * self._share(buffer.numel() * buffer.element_size())
-        return Handle(dist.all_reduce(buffer, group=self.group, async_op=True))
+        return Handle(dist.all_reduce(buffer, op=op, group=self.group, async_op=True))
 
     def all_gather(self, full: torch.Tensor, shard: torch.Tensor) -> Handle:
         """Fill `full` with every rank's `shard` (in place when `shard` is this rank's slice)."""

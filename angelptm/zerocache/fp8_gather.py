@@ -116,9 +116,8 @@ class Float8Gather:
                 continue
             weights = []
             for slot in b.page.slots:
-                lo, hi = max(slot.offset, b.own_start), min(slot.offset + slot.numel, b.own_stop)
-                lo, hi = lo - b.own_start, max(lo, hi) - b.own_start
-                weight = _Weight(slot, layers[id(slot.param)], lo, hi, lo + b.own_start - slot.offset)
+                lo, hi = b.own_part(slot)
+                weight = _Weight(slot, layers[id(slot.param)], lo - b.own_start, hi - b.own_start, lo - slot.offset)
                 weight.layer.weight_source = self._source(b.page.index, weight)
                 weights.append(weight)
             self.pages[b.page.index] = _FP8Page(b, weights)
@@ -153,8 +152,7 @@ class Float8Gather:
         amax groups (tp), one all-reduce per group."""
         flat = torch.cat(amaxes)
         if self.comm.size > 1:
-            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.comm.group)
-            self.comm.sent_bytes["all_reduce"] += 2 * flat.numel() * 4 * (self.comm.size - 1) // self.comm.size
+            self.comm.all_reduce(flat, dist.ReduceOp.MAX).wait()
         amaxes = list(flat.split([a.numel() for a in amaxes]))
         by_groups: dict[tuple, list[int]] = {}
         for i, w in enumerate(weights):

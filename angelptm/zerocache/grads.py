@@ -117,7 +117,7 @@ class GradReducer:
     def _start(self, b: PageBuffers) -> None:
         bucket = b.grad_full
         if self.stage == 0:
-            b.reduction = self.comm.all_reduce_sum(bucket).then(lambda: bucket.div_(self.comm.size))
+            b.reduction = self.comm.all_reduce(bucket).then(lambda: bucket.div_(self.comm.size))
         else:
             b.reduction = self.comm.reduce_scatter_add(b.grad_shard, bucket)
             if self.stage == 1:

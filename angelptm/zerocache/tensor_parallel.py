@@ -47,7 +47,7 @@ def own_segments(buffers: list[PageBuffers], specs: dict[str, ShardSpec],
     for b in buffers:
         for slot in b.page.slots:
             spec = specs[slot.name]
-            lo, hi = max(slot.offset, b.own_start), min(slot.offset + slot.numel, b.own_stop)
+            lo, hi = b.own_part(slot)
             if keep(spec) and lo < hi:
                 segments.append(Segment(b, spec, lo - b.own_start, hi - b.own_start))
     return segments
