@@ -71,6 +71,9 @@ def _measure(stages: list[int], steps: int) -> list[dict]:
         fp8 = stage == "3+fp8"
         with ZeROCacheOptimizer(model, None, stage=3 if fp8 else stage, page_mb=PAGE_MB, fp8_all_gather=fp8) as opt:
             for _ in range(steps):
+                # Stages 1-2 send the step's parameter gathers as soon as the step ends and finish
+                # them in the next forward: the window holds one step's gathers, all sent.
+                opt._settle_params()
                 dist.barrier()
                 before = socket_bytes_written()
                 logits = model(rows[:, :-1])
@@ -78,6 +81,7 @@ def _measure(stages: list[int], steps: int) -> list[dict]:
                 opt.clip_grad_norm_(1.0)
                 opt.step()
                 opt.zero_grad()
+                opt._settle_params()
                 wire = socket_bytes_written() - before
                 counted = sum(opt.comm_bytes.values())
             padded = sum(b.page.numel for b in opt._buffers)

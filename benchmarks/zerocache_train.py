@@ -19,10 +19,14 @@ against the bound 16·N/dp + the pages in flight.
 
     python benchmarks/zerocache_train.py
     python benchmarks/zerocache_train.py --micro-batch 1 --out benchmarks/results/zerocache_train_mb1.json
+    python benchmarks/zerocache_train.py --model medium --micro-batch 1 \
+        --out benchmarks/results/zerocache_train_medium_mb1.json
     python benchmarks/zerocache_train.py --systems zerocache-3 fsdp2 deepspeed-3 --rounds 3
 
-Two workloads are recorded: 4 sequences per rank per step, where the model's compute takes most of
-a step, and 1, where the engine's own work (communication, optimizer, bookkeeping) weighs more.
+Three workloads are recorded. On the small model (3.3M parameters): 4 sequences per rank per step,
+where the model's compute takes most of a step, and 1, where the engine's own work (communication,
+optimizer, bookkeeping) weighs more. On the medium model (25M parameters), 1 sequence per rank: the
+engine's work per token is 8x the small model's, as when a large model trains on few tokens per rank.
 
 Prints two tables and writes benchmarks/results/zerocache_train.json.
 """
@@ -49,7 +53,12 @@ from angelptm.distributed.spawn import run_distributed
 from angelptm.models.llama import build_llama, num_params
 from angelptm.zerocache import ZeROCacheOptimizer
 
-MODEL = ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768, vocab_size=259, max_seq_len=128)
+VOCAB = 259  # bytes and the tokenizer's specials
+MODELS = {
+    "small": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768, vocab_size=VOCAB, max_seq_len=128),
+    "medium": ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1536, vocab_size=VOCAB,
+                          max_seq_len=128),
+}
 MICRO_BATCH, SEQ = 4, 128  # the default workload; --micro-batch 1 leaves compute a smaller share
 HYPER = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 PAGE_MB = ZeroConfig().page_mb  # the default
@@ -61,9 +70,9 @@ def _loss(model, rows: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(rows[:, :-1]).flatten(0, 1), rows[:, 1:].flatten())
 
 
-def build(system: str, micro_batch: int) -> tuple[Callable[[torch.Tensor], None], object]:
-    """(one training step on a batch, the optimizer-like object) for `system`."""
-    model = build_llama(MODEL, "cpu")
+def build(system: str, config: ModelConfig, micro_batch: int) -> tuple[Callable[[torch.Tensor], None], object]:
+    """(one training step on a batch, the optimizer-like object) for `system` training `config`."""
+    model = build_llama(config, "cpu")
     model.init_weights(0)
     if system.startswith("zerocache"):
         opt = ZeROCacheOptimizer(model, None, **HYPER, stage=int(system[-1]), page_mb=PAGE_MB)
@@ -97,10 +106,10 @@ def build(system: str, micro_batch: int) -> tuple[Callable[[torch.Tensor], None]
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     deepspeed.init_distributed(dist_backend="gloo")
-    config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+    ds_config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": int(system[-1])},
               "optimizer": {"type": "AdamW", "params": {**HYPER, "betas": list(HYPER["betas"])}}}
-    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
     def step(rows):
         engine.backward(_loss(engine, rows))
@@ -110,11 +119,11 @@ def build(system: str, micro_batch: int) -> tuple[Callable[[torch.Tensor], None]
 
 def _rows(step: int, micro_batch: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1000 * step + dist.get_rank())
-    return torch.randint(0, MODEL.vocab_size, (micro_batch, SEQ + 1), generator=gen)
+    return torch.randint(0, VOCAB, (micro_batch, SEQ + 1), generator=gen)
 
 
-def _throughput(systems: list[str], rounds: int, steps: int, micro_batch: int) -> dict:
-    steppers = {s: build(s, micro_batch)[0] for s in systems}
+def _throughput(systems: list[str], config: ModelConfig, rounds: int, steps: int, micro_batch: int) -> dict:
+    steppers = {s: build(s, config, micro_batch)[0] for s in systems}
     for s in systems:  # warm-up
         steppers[s](_rows(0, micro_batch))
     times = {s: [] for s in systems}
@@ -141,10 +150,10 @@ def _tensor_bytes() -> int:
     return total
 
 
-def _memory(system: str, steps: int, micro_batch: int) -> dict:
+def _memory(system: str, config: ModelConfig, steps: int, micro_batch: int) -> dict:
     gc.collect()
     tensors_before, rss_before = _tensor_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step, opt = build(system, micro_batch)
+    step, opt = build(system, config, micro_batch)
     for i in range(steps):
         step(_rows(i, micro_batch))
     gc.collect()
@@ -166,13 +175,15 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=SYSTEMS)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=3, help="steps per turn")
+    parser.add_argument("--model", choices=sorted(MODELS), default="small")
     parser.add_argument("--micro-batch", type=int, default=MICRO_BATCH, help="sequences per rank per step")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "zerocache_train.json"))
     args = parser.parse_args()
     dp = 2
-    n = num_params(MODEL)
+    config = MODELS[args.model]
+    n = num_params(config)
     tokens = dp * args.micro_batch * SEQ
-    times = run_distributed(_throughput, dp, args.systems, args.rounds, args.steps, args.micro_batch)[0]
+    times = run_distributed(_throughput, dp, args.systems, config, args.rounds, args.steps, args.micro_batch)[0]
     throughput = {s: tokens / statistics.median(t) for s, t in times.items()}
 
     def ratio(a: str, b: str) -> dict:
@@ -186,7 +197,7 @@ def main() -> None:
     for a, b in (("zerocache-3", "fsdp2"), ("zerocache-0", "ddp")):
         if a in times and b in times:
             ratios[f"{a} / {b}"] = ratio(a, b)
-    memory = {s: run_distributed(_memory, dp, s, 3, args.micro_batch)[0] for s in args.systems}
+    memory = {s: run_distributed(_memory, dp, s, config, 3, args.micro_batch)[0] for s in args.systems}
 
     print(f"{'system':>12} {'tokens/s':>9} {'tensor MB':>10} {'peak RSS +MB':>12}")
     for s in args.systems:
@@ -204,8 +215,8 @@ def main() -> None:
         bound["ratio"] = held / bound["bound_bytes"]
         print(f"stage 3 params+grads+optimizer peak {held / 1e6:.2f} MB vs 16·N/dp + in flight "
               f"{bound['bound_bytes'] / 1e6:.2f} MB: {bound['ratio']:.3f}")
-    meta = {"model": vars(MODEL), "params": n, "dp": dp, "micro_batch": args.micro_batch, "seq": SEQ,
-            "threads_per_rank": 1, "page_mb": PAGE_MB, "rounds": args.rounds, "steps_per_turn": args.steps,
+    meta = {"model_name": args.model, "model": vars(config), "params": n, "dp": dp,
+            "micro_batch": args.micro_batch, "seq": SEQ, "threads_per_rank": 1, "page_mb": PAGE_MB, "rounds": args.rounds, "steps_per_turn": args.steps,
             "load_average": os.getloadavg(), "torch": torch.__version__}
     result = {"meta": meta, "tokens_per_s": throughput, "step_times_s": times, "ratios": ratios,
               "memory": memory, "stage3_bound": bound}

@@ -38,6 +38,8 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, ar
         if init_group:
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = ("ok", fn(*args, **kwargs))
+        if init_group and dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while another still talks to it
     except BaseException:  # report every failure, SystemExit included, to the parent
         result = ("error", traceback.format_exc())
     finally:
