@@ -26,7 +26,7 @@ against the bound 16·N/dp + the pages in flight.
 Three workloads are recorded. On the small model (3.3M parameters): 4 sequences per rank per step,
 where the model's compute takes most of a step, and 1, where the engine's own work (communication,
 optimizer, bookkeeping) weighs more. On the medium model (25M parameters), 1 sequence per rank: the
-engine's work per token is 8x the small model's, as when a large model trains on few tokens per rank.
+engine's work per token is about 8x the small model's, as when a large model trains on few tokens per rank.
 
 Prints two tables and writes benchmarks/results/zerocache_train.json.
 """
@@ -107,8 +107,8 @@ def build(system: str, config: ModelConfig, micro_batch: int) -> tuple[Callable[
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     deepspeed.init_distributed(dist_backend="gloo")
     ds_config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": int(system[-1])},
-              "optimizer": {"type": "AdamW", "params": {**HYPER, "betas": list(HYPER["betas"])}}}
+                 "zero_optimization": {"stage": int(system[-1])},
+                 "optimizer": {"type": "AdamW", "params": {**HYPER, "betas": list(HYPER["betas"])}}}
     engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
     def step(rows):
