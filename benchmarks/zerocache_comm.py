@@ -8,9 +8,10 @@ during the step). Theory, for N parameters of b bytes and a ring/direct algorith
     stage 0   all-reduce of the gradients                     2·N·b·(dp-1)/dp
     stage 1   reduce-scatter + all-gather of the parameters   2·N·b·(dp-1)/dp
     stage 2   the same (one microbatch per step)              2·N·b·(dp-1)/dp
-    stage 3   all-gather forward + backward + reduce-scatter  3·N·b·(dp-1)/dp
+    stage 3   all-gather forward + backward + reduce-scatter  (3·N - K)·b·(dp-1)/dp
+              (K: the parameters that forward keeps gathered for backward, see gather.py)
     3+fp8     stage 3 of the model in FP8 (tensorwise) with fp8_all_gather: the F weights of the
-              FP8 layers gathered as 1-byte codes         (2·(N-F)·b + 2·F·1 + N·b)·(dp-1)/dp
+              FP8 layers gathered as 1-byte codes   (2·(N-F)·b + 2·F·1 + N·b - K·b)·(dp-1)/dp
 
 N is the model's parameter count; ZeROCache's pages pad it by a fraction of a percent (reported).
 Goal: measured within 5% of theory.
@@ -49,13 +50,24 @@ def build_model(stage) -> torch.nn.Module:
     return convert_to_float8(model, "tensorwise") if stage == "3+fp8" else model
 
 
-def theory_bytes(stage, dp: int) -> float:
+def theory_bytes(stage, dp: int, kept: int) -> float:
+    """`kept`: the parameters (K) that stage 3 keeps gathered from forward into backward."""
     n = num_params(MODEL)
     share = (dp - 1) / dp
     if stage != "3+fp8":
-        return THEORY_FACTOR[stage] * n * 4 * share
+        return (THEORY_FACTOR[stage] * n - kept) * 4 * share
     f = sum(m.weight.numel() for m in build_model(stage).modules() if isinstance(m, Float8Linear))
-    return (2 * (n - f) * 4 + 2 * f + n * 4) * share
+    return (2 * (n - f) * 4 + 2 * f + n * 4 - kept * 4) * share
+
+
+def kept_for_backward(opt: ZeROCacheOptimizer) -> int:
+    """Parameters in the full-precision pages that forward keeps gathered for backward."""
+    gatherer = opt._gatherer
+    if gatherer is None:
+        return 0
+    fp8 = gatherer.fp8
+    return sum(slot.numel for index in gatherer._kept_for_backward if fp8 is None or index not in fp8
+               for slot in opt._buffers[index].page.slots)
 
 
 def socket_bytes_written() -> int:
@@ -85,7 +97,9 @@ def _measure(stages: list[int], steps: int) -> list[dict]:
                 wire = socket_bytes_written() - before
                 counted = sum(opt.comm_bytes.values())
             padded = sum(b.page.numel for b in opt._buffers)
-        out.append({"stage": stage, "wire_bytes": wire, "counted_bytes": counted, "padded_numel": padded})
+            kept = kept_for_backward(opt)
+        out.append({"stage": stage, "wire_bytes": wire, "counted_bytes": counted, "padded_numel": padded,
+                    "kept_numel": kept})
     return out
 
 
@@ -103,14 +117,15 @@ def main() -> None:
         per_rank = run_distributed(_measure, dp, STAGES, args.steps)
         for stage_results in zip(*per_rank):
             stage = stage_results[0]["stage"]
-            theory = theory_bytes(stage, dp)
+            theory = theory_bytes(stage, dp, stage_results[0]["kept_numel"])
             wire = max(r["wire_bytes"] for r in stage_results)
             counted = max(r["counted_bytes"] for r in stage_results)
             padding = stage_results[0]["padded_numel"] / n - 1
             rows.append({"dp": dp, "stage": stage, "theory_bytes": theory, "wire_bytes_max_rank": wire,
                          "wire_bytes_per_rank": [r["wire_bytes"] for r in stage_results],
                          "counted_bytes": counted, "wire_over_theory": wire / theory,
-                         "counted_over_theory": counted / theory, "page_padding": padding})
+                         "counted_over_theory": counted / theory, "page_padding": padding,
+                         "kept_for_backward_params": stage_results[0]["kept_numel"]})
             print(f"{dp:>3} {stage:>5} {theory / 1e6:>10.2f} {wire / 1e6:>9.2f} {wire / theory:>11.3f} "
                   f"{counted / theory:>14.3f} {padding:>8.2%}")
     meta = {"params": n, "bytes_per_param": 4, "page_mb": PAGE_MB, "steps": args.steps,

@@ -6,7 +6,12 @@ Hooks on every unit (transformer block, embeddings, norm, head) do the rest:
 - forward pre-hook: gather the unit's pages (waiting for a prefetch already in flight), then start
   gathering the next pages in execution order, up to `prefetch_pages` pages ahead;
 - forward post-hook: release the pages, and hook the unit's outputs so that the pages are
-  gathered again when backward reaches the unit (prefetching in reverse order);
+  gathered again when backward reaches the unit (prefetching in reverse order). The pages backward
+  gathers first (the last units', as many as forward holds at once anyway) are kept instead:
+  freeing them and gathering them again between forward and backward would move their bytes
+  twice for nothing (torchtitan keeps its last block gathered for the same reason). The hold ends
+  when backward reaches its first unit, or when the parameters are about to change
+  (`drop_holds`); forward under no_grad, and recomputation inside backward, hold nothing;
 - after the unit's last parameter gradient has been accumulated (told by the GradReducer), or
   when backward ends, release them again.
 
@@ -51,12 +56,25 @@ class ParamGatherer:
             for p in unit.params:
                 self._units_of.setdefault(id(p), []).append(i)
         self._in_backward: set[int] = set()  # units whose pages backward holds
+        self._kept_for_backward = self._first_backward_pages()
+        self._holds: dict[int, int] = {}  # page -> forwards holding it until their backward
         self._grads_left = [0] * len(units)
         self._callback_queued = False
         self._hooks = []
         for i, unit in enumerate(units):
             self._hooks.append(unit.module.register_forward_pre_hook(partial(self._pre_forward, i)))
             self._hooks.append(unit.module.register_forward_hook(partial(self._post_forward, i)))
+
+    def _first_backward_pages(self) -> set[int]:
+        """The pages forward holds at once when it runs the last unit whose prefetch reaches the
+        end of the model: that unit's and those of every later unit. Keeping these until backward
+        adds nothing to forward's peak."""
+        keep: set[int] = set()
+        for unit in reversed(self.units):
+            if len(keep - set(unit.pages)) > self.prefetch_pages:
+                break
+            keep.update(unit.pages)
+        return keep
 
     # -- pages ---------------------------------------------------------------------------------
 
@@ -96,10 +114,23 @@ class ParamGatherer:
             self._gathers[index].wait()
             self._users[index] += 1
 
-    def _release(self, unit: int) -> None:
+    def _release(self, unit: int, hold: bool = False) -> None:
+        """Let go of the unit's pages; with `hold`, keep those backward gathers first."""
         for index in self.units[unit].pages:
+            if hold and index in self._kept_for_backward and index in self._full:
+                self._holds[index] = self._holds.get(index, 0) + 1  # stays a user until drop_holds
+                continue
             self._users[index] -= 1
             if self._users[index] == 0:
+                self._free(index)
+
+    def drop_holds(self, free: bool = True) -> None:
+        """End the forward holds; their pages are freed now, or with `free=False` become
+        prefetched pages for the running backward."""
+        holds, self._holds = self._holds, {}
+        for index, count in holds.items():
+            self._users[index] -= count
+            if self._users[index] == 0 and free:
                 self._free(index)
 
     def _prefetch(self, order: list[int]) -> None:
@@ -120,8 +151,9 @@ class ParamGatherer:
         self._prefetch(list(range(unit + 1, len(self.units))))
 
     def _post_forward(self, unit: int, module, args, output) -> None:
-        self._release(unit)
-        if torch.is_grad_enabled():
+        training = torch.is_grad_enabled()
+        self._release(unit, hold=training and torch._C._current_graph_task_id() == -1)
+        if training:
             tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
             for t in tensors:
                 t.register_hook(partial(self._pre_backward, unit))
@@ -135,6 +167,7 @@ class ParamGatherer:
         self._in_backward.add(unit)
         self._grads_left[unit] = len(self.units[unit].params)
         self._acquire(unit)
+        self.drop_holds(free=False)
         self._prefetch(list(range(unit - 1, -1, -1)))
 
     def on_param_grad(self, param: torch.nn.Parameter) -> None:

@@ -350,9 +350,12 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
             self._publisher.start()
 
     def _settle_params(self) -> None:
-        """Finish the parameter gathers still in flight (stages 1-2)."""
+        """Before parameters are read or written outside forward and backward: finish the gathers
+        still in flight (stages 1-2), free the pages a forward kept for its backward (stage 3)."""
         if self._publisher is not None:
             self._publisher.wait_all()
+        if self._gatherer is not None:
+            self._gatherer.drop_holds()
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
