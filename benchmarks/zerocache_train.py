@@ -6,6 +6,10 @@ A small Llama trains on 2 local gloo processes (one thread each) under every sys
     ddp              DistributedDataParallel (gradient_as_bucket_view) + torch AdamW (fused)
     fsdp2            fully_shard on every block and the root + torch AdamW (fused)
     deepspeed-1..3   deepspeed.initialize with ZeRO at that stage (fp32, AdamW)
+    local            no data parallelism: each rank trains its own copy with torch AdamW (fused)
+                     and talks to no one. No data-parallel engine's step is faster, beyond the part
+                     of the AdamW step a sharded one skips (a few ms here), so local / deepspeed-k
+                     bounds what any engine can gain over DeepSpeed here (the "ceiling" ratios).
 
 Throughput: all systems are built in the same pair of processes and take turns, a few steps each,
 for several rounds (the order reversed every other round); tokens/s is the global batch over the
@@ -17,8 +21,9 @@ tensor alive after a step (parameters, gradients, optimizer state and any buffer
 keeps). ZeROCache also reports its ledger (peak bytes per kind). For stage 3 the ledger is held
 against the bound 16·N/dp + the pages in flight.
 
-    python benchmarks/zerocache_train.py
-    python benchmarks/zerocache_train.py --micro-batch 1 --out benchmarks/results/zerocache_train_mb1.json
+    python benchmarks/zerocache_train.py --rounds 12
+    python benchmarks/zerocache_train.py --rounds 12 --micro-batch 1 \
+        --out benchmarks/results/zerocache_train_mb1.json
     python benchmarks/zerocache_train.py --model medium --micro-batch 1 \
         --out benchmarks/results/zerocache_train_medium_mb1.json
     python benchmarks/zerocache_train.py --systems zerocache-3 fsdp2 deepspeed-3 --rounds 3
@@ -63,7 +68,7 @@ MICRO_BATCH, SEQ = 4, 128  # the default workload; --micro-batch 1 leaves comput
 HYPER = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 PAGE_MB = ZeroConfig().page_mb  # the default
 SYSTEMS = ["zerocache-0", "zerocache-1", "zerocache-2", "zerocache-3", "ddp", "fsdp2",
-           "deepspeed-1", "deepspeed-2", "deepspeed-3"]
+           "deepspeed-1", "deepspeed-2", "deepspeed-3", "local"]
 
 
 def _loss(model, rows: torch.Tensor) -> torch.Tensor:
@@ -94,7 +99,7 @@ def build(system: str, config: ModelConfig, micro_batch: int) -> tuple[Callable[
         for block in model.layers.values():
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    if system in ("ddp", "fsdp2"):
+    if system in ("ddp", "fsdp2", "local"):
         opt = torch.optim.AdamW(model.parameters(), **HYPER, fused=True)
 
         def step(rows):
@@ -197,6 +202,9 @@ def main() -> None:
     for a, b in (("zerocache-3", "fsdp2"), ("zerocache-0", "ddp")):
         if a in times and b in times:
             ratios[f"{a} / {b}"] = ratio(a, b)
+    for stage in (1, 2, 3):
+        if "local" in times and f"deepspeed-{stage}" in times:
+            ratios[f"ceiling: local / deepspeed-{stage}"] = ratio("local", f"deepspeed-{stage}")
     memory = {s: run_distributed(_memory, dp, s, config, 3, args.micro_batch)[0] for s in args.systems}
 
     print(f"{'system':>12} {'tokens/s':>9} {'tensor MB':>10} {'peak RSS +MB':>12}")

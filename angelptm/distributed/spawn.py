@@ -8,6 +8,7 @@ environment runs unchanged.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import tempfile
@@ -33,6 +34,7 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, ar
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     torch.set_num_threads(threads)
+    faulthandler.enable()  # a crash in native code (a gloo abort) still prints where Python was
     result: Any
     try:
         if init_group:
