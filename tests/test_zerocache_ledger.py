@@ -92,7 +92,7 @@ def test_ledger_equals_bytes_held(tmp_path):
                 device_totals = [sum(v for (t, _), v in s[1].items() if t == "device") for s in step]
                 assert step[-1][3] >= max(device_totals), layout
             if layout["stage"] == 3:
-                # Pages are gathered in forward (the last block's kept for backward), freed after it.
+                # Pages are gathered in forward (the last block's kept for backward), all freed by the end of backward.
                 built, inside, after = (next(s for s in seen if s[0] == phase)[1]["device", "params"]
                                         for phase in ("built", "inside forward", "after backward"))
                 assert inside > built and after == built
