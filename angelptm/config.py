@@ -110,6 +110,7 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | PATH of a step_<N> folder
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     deterministic: bool = False
+    compile: bool = False  # torch.compile each transformer block (fuses FP8 casts, cuts launch overhead)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sample_prompt: str = "def "
     sample_tokens: int = 160  # generated after training; 0: none
@@ -315,6 +316,11 @@ def validate(cfg: Config) -> Config:
         not f8.fp8_all_gather or (f8.enabled and z.stage == 3 and f8.recipe in ("tensorwise", "rowwise")),
         "precision.fp8.fp8_all_gather=true gathers stage-3 weights in FP8; it needs precision.fp8.enabled=true, "
         f"zero.stage=3 (got {z.stage}) and precision.fp8.recipe tensorwise or rowwise (got {f8.recipe})",
+    )
+    _check(
+        not (cfg.train.compile and f8.fp8_all_gather),
+        "train.compile=true cannot take precision.fp8.fp8_all_gather=true (the gathered FP8 weights reach "
+        "each layer from outside the compiled graph); set one of them to false",
     )
     _positive(z, "zero", "page_mb")
     _check(z.prefetch_pages >= 0, f"zero.prefetch_pages={z.prefetch_pages} must be >= 0")

@@ -20,11 +20,11 @@ def test_gpu_suite_dry_run_covers_every_section(tmp_path):
     results = json.loads((tmp_path / "fp8_suite.json").read_text())
     sections = results["sections"]
     assert results["dry_run"] and list(sections) == ["env", "parity", "overhead", "linear", "e2e", "kernels",
-                                                     "zerocache"]
+                                                     "compiled", "zerocache"]
     for name, section in sections.items():
         assert not {"error", "skipped", "skipped_from"} & set(section), (name, section)
         assert not section.get("errors"), (name, section["errors"])
-        assert not any(row["errors"] for row in section.get("shapes", {}).values()), name
+        assert not any(row.get("errors") for row in section.get("shapes", {}).values()), name
     parity = sections["parity"]
     assert parity["backend"] == ("triton" if importlib.util.find_spec("triton") else "torch")
     # every cast on bfloat16 (activations, gradients) and on float32 (master weights) sources
@@ -44,6 +44,13 @@ def test_gpu_suite_dry_run_covers_every_section(tmp_path):
         # Same weights, same batches, fused AdamW: every FP8 model learns along with bf16 and stays
         # within 1.5% of its loss at every step (an FP8 model with stale weights drifts 3% away).
         assert row["fp8_learns"] and row["max_rel_loss_gap"] < 0.015, (recipe, row["loss"])
+    compiled = sections["compiled"]
+    assert all(set(row) == {"bf16", "tensorwise", "delayed", "rowwise"} for row in compiled["shapes"].values())
+    assert compiled["shapes"] and set(compiled["e2e"]["recipes"]) == {"tensorwise"}
+    # Compiled blocks (the FP8 weight cast in the graph every call) learn like compiled bf16.
+    row = compiled["e2e"]["recipes"]["tensorwise"]
+    assert row["fp8_learns"] and row["max_rel_loss_gap"] < 0.015, row["loss"]
+    assert "compiled" in proc.stdout.split("goal (H100)")[1].split("\n\n")[0]  # compiled goal rows
     zerocache = sections["zerocache"]
     assert zerocache["backend"] == "gloo" and len(zerocache["runs"]) == 5
     tiers = {"none": "device", "cpu": "host", "nvme": "nvme"}
@@ -56,7 +63,7 @@ def test_gpu_suite_dry_run_covers_every_section(tmp_path):
         assert run["fp8_gathered_layers"] == (2 * 7 if run["layout"].get("fp8_all_gather") else 0), name
     assert sum(f"ZeROCache {name} = torch AdamW" in proc.stdout for name in zerocache["runs"]) == 5
     tail = proc.stdout.strip().splitlines()
-    assert "training" in proc.stdout and tail[-1].split()[0] == "blockwise", "the table comes last"
+    assert "training" in proc.stdout and tail[-1].split()[:2] == ["compiled", "tensorwise"], "the table comes last"
     assert (tmp_path / "fp8_suite.txt").read_text().strip().splitlines()[-1] == tail[-1]
 
 

@@ -18,6 +18,9 @@ the bandwidth-optimal algorithm for a group of p ranks and a full tensor of N by
 These are the bus bytes NCCL reports and the planner predicts; gloo may move more on the wire for
 small messages, but the work asked of the network is the same. A group of one sends nothing and
 returns at once, so a single process runs the same code without any communication.
+
+Under `torch.compile` the plain collectives run eagerly, between compiled graphs: their byte
+counters are Python state a graph cannot update, and a region containing one runs eagerly whole.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def _nbytes(x: torch.Tensor) -> int:
 # Plain collectives
 
 
+@torch.compiler.disable
 def all_reduce(x: torch.Tensor, group: Group, op: ReduceOp = ReduceOp.SUM) -> torch.Tensor:
     """Reduce `x` in place over the group and return it."""
     if group.size == 1:
@@ -85,6 +89,7 @@ def all_reduce(x: torch.Tensor, group: Group, op: ReduceOp = ReduceOp.SUM) -> to
     return x
 
 
+@torch.compiler.disable
 def all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     """Concatenate every rank's `x` along `dim`, in rank order."""
     if group.size == 1:
@@ -95,6 +100,7 @@ def all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+@torch.compiler.disable
 def reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     """Sum `x` over the group and keep this rank's slice along `dim` (the size must divide)."""
     if group.size == 1:
@@ -108,6 +114,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     return out
 
 
+@torch.compiler.disable
 def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Group) -> torch.Tensor:
     """Split `x` along `scatter_dim`, send piece j to rank j, and concatenate what arrives along `gather_dim`."""
     if group.size == 1:
@@ -135,6 +142,7 @@ class PendingShift:
         return self.received
 
 
+@torch.compiler.disable
 def ring_shift(x: torch.Tensor, group: Group, tag: int = 0) -> PendingShift:
     """Start sending `x` to the next rank of the ring and receiving the previous rank's; do not wait.
 

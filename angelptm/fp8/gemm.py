@@ -37,6 +37,7 @@ def scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype, *, fast_accum:
     return out.to(out_dtype)
 
 
+@torch.compiler.assume_constant_result  # a compiled graph asks once, while tracing, and keeps the answer
 def _accepts(device: torch.device, kind: str, out_dtype: torch.dtype) -> bool:
     """Probe once whether this build's `_scaled_mm` gives `out_dtype` for this scaling kind.
 

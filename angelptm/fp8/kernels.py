@@ -16,6 +16,10 @@ Which implementation runs: `backend="triton"` or `"torch"` forces one; the defau
 (or the environment variable ANGELPTM_FP8_BACKEND) uses the kernels for CUDA tensors and the
 references elsewhere. Forcing "triton" on CPU tensors needs TRITON_INTERPRET=1 set before
 triton is imported; the tests do that to hold each kernel to its reference bit for bit.
+
+Under `torch.compile` the casts always take the references, which inductor compiles into kernels
+fused with the surrounding elementwise work; the blockwise GEMM stays out of the graph and runs
+its kernel eagerly.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ OptionalPair = tuple[Optional[Quantized], Optional[Quantized]]
 
 
 def use_triton(x: torch.Tensor, backend: Optional[str] = None) -> bool:
+    if torch.compiler.is_compiling():
+        return False  # inductor turns the references into kernels fused with their neighbours
     backend = backend or os.environ.get("ANGELPTM_FP8_BACKEND", "auto")
     if backend not in BACKENDS:
         raise UserError(f"ANGELPTM_FP8_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -207,6 +213,7 @@ def cast_blocks(x: torch.Tensor, fmt: Fp8Format, *, transpose: bool = False, pow
     return q, (Quantized(out_t, scale_inv.t().contiguous(), "block") if transpose else None)
 
 
+@torch.compiler.disable  # a compiled graph would inline the reference's per-slice loop of FP32 GEMMs
 def blockwise_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype, backend: Optional[str] = None) -> torch.Tensor:
     """a (M, K) @ b (N, K)^T for 1x128-tiled `a` and 1x128- or 128x128-scaled `b`, promoting each
     128-long K-slice's partial sum to FP32 and scaling it there."""

@@ -20,7 +20,8 @@ registered with the first `Float8Linear`, that clears the cache of every live la
 training loop calls once per step whatever its optimizer; and by `refresh_weight()`. Between
 steps the cache is also keyed on the weight's version and storage, which catches in-place
 edits such as `load_state_dict`. The master weight stays in its own dtype, so under autocast an FP32 weight
-goes straight to FP8.
+goes straight to FP8. Under `torch.compile` there is no cache: the graph casts the weight on every
+call.
 
 Sharded layouts plug in from outside: a tensor-parallel wrapper hands a shard as the weight and
 the tp group in `amax_groups.weight`, so every shard is scaled like the whole weight. A layer can
@@ -149,6 +150,9 @@ class Float8Linear(nn.Linear):
     def quantized_weight(self, need_t: bool) -> tuple[Quantized, Optional[Quantized]]:
         """The weight's FP8 copies, cast at most once per weight update."""
         w = self.weight
+        if torch.compiler.is_compiling():
+            # A cache is Python state a graph cannot keep; compiled, the cast costs about one read of w.
+            return self.quantize("weight", w.detach(), need_rows=True, need_t=need_t)
         key = (w._version, w.data_ptr())
         cache = self._weight_cache
         if cache is None or cache[0] != key or (need_t and cache[2] is None):

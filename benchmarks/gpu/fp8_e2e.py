@@ -1,5 +1,6 @@
 """End-to-end section of the GPU suite: a Llama trained a few steps in bf16 autocast and, per recipe,
-the same model with FP8 linear layers, from the same weights on the same batches.
+the same model with FP8 linear layers, from the same weights on the same batches; eagerly, and
+(the compiled section) with both models' blocks compiled as `train.compile` does.
 
 Both models get fp32 master weights, fused AdamW and bf16 autocast; the FP8 one skips the output
 head. Steps alternate between the two and are timed one by one. Batches come from a small fixed
@@ -19,6 +20,7 @@ from torch import nn
 from harness import OutOfTime, median, ratio_stats, time_ms
 
 from angelptm.config import ModelConfig
+from angelptm.distributed.parallelize import apply_compile
 from angelptm.fp8 import convert_to_float8, update_float8_scales
 from angelptm.models.llama import build_llama, flops_per_token, num_params
 
@@ -66,12 +68,16 @@ def make_step(model: nn.Module, batches: torch.Tensor, lr: float, losses: list, 
     return step
 
 
-def train_pair(recipe: str, device: torch.device, sizes: dict, batches: torch.Tensor, deadline) -> dict:
+def train_pair(recipe: str, device: torch.device, sizes: dict, batches: torch.Tensor, deadline,
+               compiled: bool = False) -> dict:
     cfg = sizes["llama"]
     losses = {"bf16": [], "fp8": []}
-    steps = {"bf16": make_step(make_model(cfg, device), batches, sizes["lr"], losses["bf16"], fp8=False),
-             "fp8": make_step(convert_to_float8(make_model(cfg, device), recipe), batches, sizes["lr"],
-                              losses["fp8"], fp8=True)}
+    models = {"bf16": make_model(cfg, device), "fp8": convert_to_float8(make_model(cfg, device), recipe)}
+    if compiled:
+        for model in models.values():
+            apply_compile(model)
+    steps = {name: make_step(model, batches, sizes["lr"], losses[name], fp8=name == "fp8")
+             for name, model in models.items()}
     times = {"bf16": [], "fp8": []}
     for i in range(sizes["warmup"] + sizes["steps"]):
         for name, step in steps.items():
@@ -96,12 +102,14 @@ def train_pair(recipe: str, device: torch.device, sizes: dict, batches: torch.Te
     return row
 
 
-def run_e2e(out: dict, deadline, device: torch.device, sizes: dict, recipes, guarded, save, free) -> None:
+def run_e2e(out: dict, deadline, device: torch.device, sizes: dict, recipes, guarded, save, free,
+            compiled: bool = False) -> None:
     cfg = sizes["llama"]
     batch, seq = sizes["batch"], sizes["seq"]
     out.update(model=asdict(cfg), params=num_params(cfg), batch=batch, seq=seq, lr=sizes["lr"],
                steps=sizes["warmup"] + sizes["steps"],
-               note=(f"fp32 master weights, fused AdamW, bf16 autocast, eager; FP8 skips the output head; "
+               note=(f"fp32 master weights, fused AdamW, bf16 autocast, {'compiled blocks' if compiled else 'eager'}; "
+                     "FP8 skips the output head; "
                      f"{sizes['pool']} fixed batches cycled; loss curves cover warm-up steps too; an FP8 model "
                      f"'learns' when its loss falls by >= {LEARNING_SHARE:.0%} of the bf16 model's fall"))
     gen = torch.Generator(device=device).manual_seed(0)
@@ -110,7 +118,7 @@ def run_e2e(out: dict, deadline, device: torch.device, sizes: dict, recipes, gua
     for recipe in recipes:
         if deadline.left() < 20:
             raise OutOfTime(recipe)
-        row = guarded(lambda: train_pair(recipe, device, sizes, batches, deadline), out["errors"], recipe)
+        row = guarded(lambda: train_pair(recipe, device, sizes, batches, deadline, compiled), out["errors"], recipe)
         if row is not None:
             out["recipes"][recipe] = row
         free()

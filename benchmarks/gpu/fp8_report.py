@@ -5,7 +5,7 @@ torch AdamW against the tolerance, both step times, and the peak bytes ZeROCache
 (device, host, nvme) during its last step.
 
 Speedups are eager (what a training loop gets) unless marked graphed (CUDA-graph replay: device
-time alone); "4.13 -> 4.10" loss columns show the first and last step of each curve, "max gap" the
+time alone) or compiled (both sides under torch.compile, as `train.compile` runs them); "4.13 -> 4.10" loss columns show the first and last step of each curve, "max gap" the
 largest relative difference between the FP8 and bf16 losses at any step.
 """
 
@@ -39,16 +39,24 @@ def goals(sections: dict, squares: list, recipes) -> list[list[str]]:
     def add(label: str, target: float, found, extra: str = "") -> None:
         met = "-" if found is None else ("yes" if found[1] >= target else "NO")
         rows.append([label, f">= {target}", _fmt(found) + extra, met])
+    compiled = sections.get("compiled", {})
     for shape, target in ((f"{squares[-1]}^3", GOALS["speedup_big"]), (f"{squares[1]}^3", GOALS["speedup_mid"])):
         graphed = _best_linear(sections, shape, "graphed", recipes)
         add(f"fp8 fwd+bwd speedup at {shape}", target, _best_linear(sections, shape, "eager", recipes),
             f"; graphed {_fmt(graphed)}" if graphed else "")
-    e2e = sections.get("e2e", {}).get("recipes", {})
-    learners = {rc: r for rc, r in e2e.items() if r["fp8_learns"]}
-    if e2e and not learners:
-        rows.append(["end-to-end training speedup", f">= {GOALS['e2e']}", "no FP8 model learns", "NO"])
-    else:  # a speedup counts only where the FP8 model learns
-        add("end-to-end training speedup", GOALS["e2e"], _best(learners, lambda r: r["speedup"]["median"]))
+        row = compiled.get("shapes", {}).get(shape)
+        if row:
+            add(f"fp8 fwd+bwd speedup at {shape}, compiled", target,
+                _best({rc: row[rc] for rc in recipes if rc in row}, lambda r: r["speedup"]["median"]))
+    for label, section in (("", sections.get("e2e", {})), (", compiled", compiled.get("e2e", {}))):
+        runs = section.get("recipes", {})
+        learners = {rc: r for rc, r in runs.items() if r["fp8_learns"]}
+        if runs and not learners:
+            rows.append([f"end-to-end training speedup{label}", f">= {GOALS['e2e']}", "no FP8 model learns", "NO"])
+        elif runs or not label:  # a speedup counts only where the FP8 model learns
+            add(f"end-to-end training speedup{label}", GOALS["e2e"],
+                _best(learners, lambda r: r["speedup"]["median"]))
+    e2e = e2e_runs(sections)
     ker = {k: v for k, v in sections.get("kernels", {}).get("kernels", {}).items() if k != "amax"}
     slowest = min(((k, v["fraction_of_copy"]) for k, v in ker.items()), key=lambda t: t[1], default=None)
     add("slowest cast kernel, fraction of copy", GOALS["cast_fraction"], slowest)
@@ -62,6 +70,12 @@ def goals(sections: dict, squares: list, recipes) -> list[list[str]]:
     rows.append(["Triton casts bit-exact on the device", "all", "not measured" if not parity else
                  ("all" if not bad else f"{len(bad)} differ"), "-" if not parity else ("yes" if not bad else "NO")])
     return rows + zerocache_rows(sections.get("zerocache", {}).get("runs", {}))
+
+
+def e2e_runs(sections: dict) -> dict:
+    """Every end-to-end training pair: the eager ones by recipe, then the compiled ones."""
+    compiled = sections.get("compiled", {}).get("e2e", {}).get("recipes", {})
+    return {**sections.get("e2e", {}).get("recipes", {}), **{f"compiled {rc}": r for rc, r in compiled.items()}}
 
 
 def zerocache_rows(runs: dict) -> list[list[str]]:
@@ -134,20 +148,29 @@ def summary(results: dict, squares: list, recipes, elapsed_s: float) -> str:
                 + [cell(r, rc) for rc in recipes] for label, r in lin.items()]
         lines += ["", "Float8Linear fwd+bwd: eager speedup vs bf16 (TFLOP/s), g = graphed speedup",
                   format_table(["shape", "bf16 TF/s", *recipes], rows)]
+    comp = s.get("compiled", {}).get("shapes", {})
+    if comp:
+        names = [rc for rc in recipes if any(rc in r for r in comp.values())]
+        rows = [[label, f"{r['bf16']['TFLOPs']:.0f}"] + [f"{r[rc]['speedup']['median']:.2f}x ({r[rc]['TFLOPs']:.0f})"
+                                                          if rc in r else "-" for rc in names]
+                for label, r in comp.items() if "bf16" in r]
+        lines += ["", "Under torch.compile: FP8 fwd+bwd speedup vs compiled bf16 (TFLOP/s)",
+                  format_table(["shape", "bf16 TF/s", *names], rows)]
     ker = s.get("kernels", {}).get("kernels", {})
     if ker:
         rows = [[name, f"{k['GBps']:.0f}", f"{k['fraction_of_copy']:.0%}"] for name, k in ker.items()]
         lines += ["", "Cast kernels vs device copy", format_table(["kernel", "GB/s", "of copy"], rows)]
-    e2e = s.get("e2e", {})
-    if e2e.get("recipes"):
+    runs = e2e_runs(s)
+    if runs:
+        e2e = s["e2e"] if "params" in s.get("e2e", {}) else s["compiled"]["e2e"]
         rows = [[rc, f"{r['bf16_tokens_per_s']:.0f}", f"{r['fp8_tokens_per_s']:.0f}", f"{r['speedup']['median']:.2f}x",
                  f"{r['fp8_mfu']:.1%}" if r["fp8_mfu"] is not None else "-",
                  f"{r['loss']['bf16'][0]:.2f} -> {r['loss']['bf16'][-1]:.3f}",
                  f"{r['loss']['fp8'][0]:.2f} -> {r['loss']['fp8'][-1]:.3f}", f"{r['max_rel_loss_gap']:.1%}",
                  "yes" if r["fp8_learns"] else "NO"]
-                for rc, r in e2e["recipes"].items()]
+                for rc, r in runs.items()]
         lines += ["", f"Llama {e2e['params'] / 1e9:.2f}B training, {e2e['steps']} steps of {e2e['batch']}x{e2e['seq']} "
-                      "tokens (same weights, same batches)",
+                      "tokens (same weights, same batches; compiled: both models' blocks)",
                   format_table(["recipe", "bf16 tok/s", "fp8 tok/s", "speedup", "fp8 MFU", "loss bf16", "loss fp8",
                                 "max gap", "learns"], rows)]
     return "\n".join(lines)

@@ -16,6 +16,8 @@ budget inside one global deadline (whatever does not fit is recorded as skipped)
             weights on the same batches, in FP8 per recipe; tokens/s, MFU and both loss curves
             (fp8_e2e.py)
   kernels   each cast's bandwidth as a fraction of a device-to-device copy
+  compiled  what `train.compile` changes: the end-to-end pair with both models' blocks compiled, then
+            fwd+bwd of bf16 and FP8 layers, each under torch.compile, at two sizes
   zerocache a small Llama trained ~10 steps by ZeROCacheOptimizer (stage 0; stage 3; stage 3 with
             state and parameters in pinned host memory; stage 1 with state on NVMe under OUTDIR;
             stage 3 FP8 with FP8 all-gather) against torch AdamW on the same model: per-step
@@ -56,16 +58,21 @@ FULL = dict(
     mlp={"llama3_8b_w1/w3": (8192, 4096, 14336), "llama3_8b_w2": (8192, 14336, 4096)},
     kernel_shape=(8192, 8192), ceiling_n=8192, copy_bytes=1 << 30, parity_shape=(1000, 1040),
     repeats=5, target_ms=40.0, e2e=E2E_SIZES["full"], zerocache=ZEROCACHE_SIZES["full"],
-    budgets={"env": 25, "parity": 40, "overhead": 25, "linear": 80, "kernels": 30, "e2e": 70, "zerocache": 60},
+    compiled=dict(squares=[2048, 8192], recipes=("tensorwise", "delayed", "rowwise"),
+                  e2e_recipes=("tensorwise", "rowwise")),
+    budgets={"env": 25, "parity": 40, "overhead": 25, "linear": 80, "kernels": 30, "e2e": 70, "compiled": 180,
+             "zerocache": 60},
 )
 DRY = dict(
     squares=[64, 128, 192], overhead_n=128,
     mlp={"mlp_up": (64, 64, 224), "mlp_down": (64, 224, 64)},
     kernel_shape=(256, 384), ceiling_n=128, copy_bytes=1 << 20, parity_shape=(100, 136),
     repeats=2, target_ms=5.0, e2e=E2E_SIZES["dry"], zerocache=ZEROCACHE_SIZES["dry"],
-    budgets={"env": 30, "parity": 30, "overhead": 30, "linear": 60, "kernels": 30, "e2e": 60, "zerocache": 30},
+    compiled=dict(squares=[128], recipes=("tensorwise", "delayed", "rowwise"), e2e_recipes=("tensorwise",)),
+    budgets={"env": 30, "parity": 30, "overhead": 30, "linear": 60, "kernels": 30, "e2e": 60, "compiled": 150,
+             "zerocache": 30},
 )
-SECTIONS = ("env", "parity", "overhead", "linear", "e2e", "kernels", "zerocache")
+SECTIONS = ("env", "parity", "overhead", "linear", "e2e", "kernels", "compiled", "zerocache")
 
 
 def guarded(fn, errors: dict, key: str):
@@ -81,25 +88,28 @@ def guarded(fn, errors: dict, key: str):
         return None
 
 
-def linear_steps(m: int, k: int, n: int, device: torch.device) -> dict:
-    """name -> a fwd+bwd call of one bf16 layer (and its inputs), for bf16 and every recipe; the FP8
-    steps drop the cached weight each call, so its cast is always timed."""
+def linear_steps(m: int, k: int, n: int, device: torch.device, recipes=RECIPES, compiled: bool = False) -> dict:
+    """name -> a fwd+bwd call of one bf16 layer (and its inputs), for bf16 and each recipe, eager or
+    under torch.compile; the FP8 steps cast the weight every call (eager: the cache is dropped)."""
     base = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
-    steps = {"bf16": lambda: torch.autograd.grad(base(x), (x, base.weight), dy)}
+    wrap = torch.compile if compiled else (lambda module: module)
+    run_base = wrap(base)
+    steps = {"bf16": lambda: torch.autograd.grad(run_base(x), (x, base.weight), dy)}
     errors = {}
 
     def fp8_step(recipe: str):
         layer = Float8Linear.from_linear(base, recipe)
-        torch.autograd.grad(layer(x), (x, layer.weight), dy)
+        run = wrap(layer)
+        torch.autograd.grad(run(x), (x, layer.weight), dy)
         update_float8_scales(layer)  # delayed: time the steady state, not the first step
 
         def step():
             layer.refresh_weight()
-            return torch.autograd.grad(layer(x), (x, layer.weight), dy)
+            return torch.autograd.grad(run(x), (x, layer.weight), dy)
         return step
-    for recipe in RECIPES:
+    for recipe in recipes:
         step = guarded(lambda: fp8_step(recipe), errors, recipe)
         if step is not None:
             steps[recipe] = step
@@ -323,6 +333,28 @@ class Suite:
     def e2e(self, out: dict, deadline: Deadline) -> None:
         run_e2e(out, deadline, self.device, self.sizes["e2e"], RECIPES, guarded, self.save, self.free)
 
+    def compiled(self, out: dict, deadline: Deadline) -> None:
+        """The end-to-end pair first (the goal that counts most), then the layers."""
+        sizes = self.sizes["compiled"]
+        out["note"] = ("end to end: both models' blocks compiled as train.compile does; layers: each (bf16 and "
+                       "FP8) under torch.compile, fwd+bwd, FP8 weight cast in every call")
+        out["e2e"], out["shapes"], out["errors"] = {}, {}, {}
+        run_e2e(out["e2e"], deadline, self.device, self.sizes["e2e"], sizes["e2e_recipes"], guarded, self.save,
+                self.free, compiled=True)
+        for s in sizes["squares"]:
+            if deadline.left() < 20:
+                raise OutOfTime(f"{s}^3")
+            built = linear_steps(s, s, s, self.device, sizes["recipes"], compiled=True)
+            out["errors"].update({f"{s}^3 {k}": v for k, v in built["errors"].items()})
+            samples = compare(built["steps"], self.device, deadline, repeats=self.sizes["repeats"],
+                              target_ms=self.sizes["target_ms"])
+            flops = 6 * s**3
+            out["shapes"][f"{s}^3"] = {name: {"ms": median(t), "TFLOPs": flops / median(t) / 1e9,
+                                              "speedup": ratio_stats(samples["bf16"], t)}
+                                       for name, t in samples.items()}
+            self.free()
+            self.save()
+
     def zerocache(self, out: dict, deadline: Deadline) -> None:
         run_zerocache(out, deadline, self.device, self.sizes["zerocache"], self.outdir / "zerocache_nvme", guarded,
                       self.save, self.free)
@@ -332,8 +364,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--dry-run", action="store_true", help="run the whole path on CPU with tiny shapes")
-    parser.add_argument("--budget-s", type=float, default=250.0,
-                        help="global deadline in seconds (default: the suite and its start-up fit 5 minutes)")
+    parser.add_argument("--budget-s", type=float, default=400.0,
+                        help="global deadline in seconds (default: the suite and its start-up fit 8 minutes)")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run to exercise the suite on CPU", file=sys.stderr)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU suite: FP8 kernel parity, host/device overhead of one FP8 linear layer, FP8 linear layers vs
 # bf16 (eager and CUDA-graph replay), cast-kernel bandwidth vs copy, a ~1B-parameter Llama trained
-# a few steps in bf16 and FP8 from the same weights, and ZeROCache's device paths (NCCL, pinned-host and
-# NVMe offload, FP8 all-gather): a small Llama trained by ZeROCacheOptimizer per stage and tier against
-# torch AdamW, step by step (NVMe files under OUTDIR). Builds nothing, needs no network, finishes within
-# 5 minutes on one H100 (every section has a time budget under one global deadline, 250 s by default).
+# a few steps in bf16 and FP8 from the same weights, the same layers and training pair under torch.compile
+# (train.compile), and ZeROCache's device paths (NCCL, pinned-host and NVMe offload, FP8 all-gather): a
+# small Llama trained by ZeROCacheOptimizer per stage and tier against torch AdamW, step by step (NVMe
+# files under OUTDIR). Builds nothing, needs no network, finishes within 8 minutes on one H100 (every
+# section has a time budget under one global deadline, 400 s by default).
 # Prints a short table last and writes the full results to OUTDIR/fp8_suite.json.
 #
 #   benchmarks/gpu/run.sh OUTDIR            # on a machine with a CUDA GPU
