@@ -1,16 +1,18 @@
 """Training-step time of a Llama with compiled transformer blocks (`train.compile`) against eager, in
 full precision and per FP8 recipe, with torchao's float8 (compiled the same way) beside ours.
 
-    python benchmarks/compile_step.py [--rounds 7]
+    python benchmarks/compile_step.py [--rounds 9]
 
 Each variant is one model (same initial weights, same batch) stepped by its own fused AdamW;
 blocks are compiled by the trainer's own `apply_compile`. Each comparison runs in a fresh process
 on one thread, its two variants alternating step by step; figures are the median step time and
 the median (min-max) of the per-round ratios. Ours against torchao (both compiled) runs twice,
-once in each order, and pools the rounds. Two sizes: a small model whose step is bound by per-op overhead (the host, on a GPU) and
-a larger one where the arithmetic weighs more. On this CPU the FP8 GEMMs are emulated, so what
-compiling changes here is the cost of everything around them: the casts, their amaxes and the
-launches. Writes benchmarks/results/compile_step.json.
+once in each order, and pools the rounds.
+
+Two sizes: a small model whose step is bound by per-op overhead (the host, on a GPU) and a larger
+one where the arithmetic weighs more. On a CPU the FP8 GEMMs are emulated, so what compiling
+changes there is the cost of everything around them: the casts, their amaxes and the per-op
+dispatch. Writes benchmarks/results/compile_step.json.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def _cell(r) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     results = {"rounds": args.rounds, "threads": 1, "torch": torch.__version__, "sizes": {}}
     for name, size in SIZES.items():

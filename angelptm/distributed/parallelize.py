@@ -1,5 +1,6 @@
 """Turn a plain model into the one this rank runs: context and tensor parallelism, FP8, activation
-checkpointing, then materialisation; and the layout-aware gradient clipping the trainer uses.
+checkpointing, compilation, then materialisation; and the layout-aware gradient clipping the
+trainer uses.
 
 The model file knows nothing of parallelism; everything layout-specific is applied here from the
 outside, as torchtitan does. `parallelize` works on a meta-device model, so no rank ever holds

@@ -5,8 +5,9 @@ torch AdamW against the tolerance, both step times, and the peak bytes ZeROCache
 (device, host, nvme) during its last step.
 
 Speedups are eager (what a training loop gets) unless marked graphed (CUDA-graph replay: device
-time alone) or compiled (both sides under torch.compile, as `train.compile` runs them); "4.13 -> 4.10" loss columns show the first and last step of each curve, "max gap" the
-largest relative difference between the FP8 and bf16 losses at any step.
+time alone) or compiled (both sides under torch.compile, as `train.compile` runs them); "4.13 ->
+4.10" loss columns show the first and last step of each curve, "max gap" the largest relative
+difference between the FP8 and bf16 losses at any step.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def summary(results: dict, squares: list, recipes, elapsed_s: float) -> str:
             if key in sec:
                 lines.append(f"{name}: {key}: {sec[key].strip().splitlines()[-1]}")
         failures = dict(sec.get("errors", {}))
+        failures.update({f"e2e {what}": why for what, why in sec.get("e2e", {}).get("errors", {}).items()})
         for label, row in sec.get("shapes", {}).items():
             failures.update({f"{label} {what}": why for what, why in row.get("errors", {}).items()})
         lines += [f"{name}: {what} failed: {why.strip().splitlines()[-1]}" for what, why in failures.items()]
