@@ -317,11 +317,6 @@ def validate(cfg: Config) -> Config:
         "precision.fp8.fp8_all_gather=true gathers stage-3 weights in FP8; it needs precision.fp8.enabled=true, "
         f"zero.stage=3 (got {z.stage}) and precision.fp8.recipe tensorwise or rowwise (got {f8.recipe})",
     )
-    _check(
-        not (cfg.train.compile and f8.fp8_all_gather),
-        "train.compile=true cannot take precision.fp8.fp8_all_gather=true (the gathered FP8 weights reach "
-        "each layer from outside the compiled graph); set one of them to false",
-    )
     _positive(z, "zero", "page_mb")
     _check(z.prefetch_pages >= 0, f"zero.prefetch_pages={z.prefetch_pages} must be >= 0")
     _check(

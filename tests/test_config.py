@@ -208,8 +208,6 @@ def test_wrong_type_names_the_key_and_the_expected_type(override, must_contain):
         (["parallel.tp=0"], ["parallel.tp", "positive"]),
         (["parallel.dp=0"], ["parallel.dp", "auto"]),
         (["data.source=text"], ["data.source=text", "data.path"]),
-        (["train.compile=true", "zero.stage=3", "precision.fp8.enabled=true", "precision.fp8.fp8_all_gather=true"],
-         ["train.compile", "precision.fp8.fp8_all_gather"]),
     ],
 )
 def test_out_of_range_value_names_the_key(overrides, must_contain):

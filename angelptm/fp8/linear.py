@@ -21,7 +21,7 @@ training loop calls once per step whatever its optimizer; and by `refresh_weight
 steps the cache is also keyed on the weight's version and storage, which catches in-place
 edits such as `load_state_dict`. The master weight stays in its own dtype, so under autocast an FP32 weight
 goes straight to FP8. Under `torch.compile` there is no cache: the graph casts the weight on every
-call.
+call; a layer with a `weight_source` (below) runs eagerly between compiled graphs.
 
 Sharded layouts plug in from outside: a tensor-parallel wrapper hands a shard as the weight and
 the tp group in `amax_groups.weight`, so every shard is scaled like the whole weight. A layer can
@@ -120,8 +120,9 @@ class Float8Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
         out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        apply = _Float8LinearFn.apply if self.weight_source is None else _apply_with_weight_source
         with torch.autocast(device_type, enabled=False):
-            return _Float8LinearFn.apply(x, self.weight, self.bias, self, out_dtype)
+            return apply(x, self.weight, self.bias, self, out_dtype)
 
     # ------------------------------------------------------------------------------------------
 
@@ -163,6 +164,11 @@ class Float8Linear(nn.Linear):
     def refresh_weight(self) -> None:
         """Drop the cached FP8 weight; the next forward casts the weight again."""
         self._weight_cache = None
+
+
+@torch.compiler.disable  # the gathered weight comes from Python state a graph cannot follow: run eagerly
+def _apply_with_weight_source(*args) -> torch.Tensor:
+    return _Float8LinearFn.apply(*args)
 
 
 def _pad_rows(x: torch.Tensor) -> torch.Tensor:
