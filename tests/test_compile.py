@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from angelptm.config import ModelConfig
 from angelptm.distributed.parity import TINY_JOB, compare, run_layout, run_layouts
 from angelptm.fp8 import Float8Linear, convert_to_float8, update_float8_scales
-from angelptm.config import ModelConfig
 from angelptm.models.llama import build_llama, rope_tables
 
 from conftest import TINY_MODEL
