@@ -116,6 +116,12 @@ def linear_steps(m: int, k: int, n: int, device: torch.device, recipes=RECIPES, 
     return {"steps": steps, "errors": errors}
 
 
+def speedups(samples: dict[str, list[float]], flops: int) -> dict:
+    """Per candidate (bf16 and the recipes timed): median ms, TFLOP/s, and speedup over bf16."""
+    return {name: {"ms": median(t), "TFLOPs": flops / median(t) / 1e9, "speedup": ratio_stats(samples["bf16"], t)}
+            for name, t in samples.items()}
+
+
 class Suite:
     def __init__(self, outdir: Path, dry_run: bool, budget_s: float):
         self.outdir, self.dry_run = outdir, dry_run
@@ -286,12 +292,7 @@ class Suite:
         for mode, samples in (("eager", eager), ("graphed", graph or {})):
             if "bf16" not in samples:
                 continue
-            row[mode] = {"bf16": {"ms": median(samples["bf16"]), "TFLOPs": flops / median(samples["bf16"]) / 1e9}}
-            for recipe in RECIPES:
-                if recipe in samples:
-                    row[mode][recipe] = {"ms": median(samples[recipe]),
-                                         "TFLOPs": flops / median(samples[recipe]) / 1e9,
-                                         "speedup": ratio_stats(samples["bf16"], samples[recipe])}
+            row[mode] = speedups(samples, flops)
         return row
 
     def kernels(self, out: dict, deadline: Deadline) -> None:
@@ -348,10 +349,7 @@ class Suite:
             out["errors"].update({f"{s}^3 {k}": v for k, v in built["errors"].items()})
             samples = compare(built["steps"], self.device, deadline, repeats=self.sizes["repeats"],
                               target_ms=self.sizes["target_ms"])
-            flops = 6 * s**3
-            out["shapes"][f"{s}^3"] = {name: {"ms": median(t), "TFLOPs": flops / median(t) / 1e9,
-                                              "speedup": ratio_stats(samples["bf16"], t)}
-                                       for name, t in samples.items()}
+            out["shapes"][f"{s}^3"] = speedups(samples, 6 * s**3)
             self.free()
             self.save()
 
