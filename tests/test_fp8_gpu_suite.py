@@ -37,7 +37,7 @@ def test_gpu_suite_dry_run_covers_every_section(tmp_path):
     linear = sections["linear"]["shapes"]
     assert len(linear) == 5 and all(set(row["eager"]) == set(row["graphed"]) == RECIPES | {"bf16"}
                                     for row in linear.values())
-    assert len(sections["kernels"]["kernels"]) == 8
+    assert len(sections["kernels"]["kernels"]) == 10
     e2e = sections["e2e"]["recipes"]
     assert set(e2e) == RECIPES
     for recipe, row in e2e.items():

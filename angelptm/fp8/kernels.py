@@ -127,23 +127,24 @@ def cast_tensorwise(x: torch.Tensor, fmt: Fp8Format, *, scale: Optional[torch.Te
         src = scale
     cast = functools.partial(_launch_cast, fmt=fmt, row_src=src, col_src=src, per_vector=False,
                              src_is_scale=scale is not None, power_of_two=power_of_two, amax_floor=amax_floor)
-    if transpose and _transpose_before_cast(x):
-        # The transposed copy is the row-major cast of x^T: same scale, same recorded amax.
-        out_t, _, scale_inv, _ = cast(x.t().contiguous(), rows=True, transpose=False, record_amax=record_amax)
-        out = cast(x, rows=True, transpose=False, record_amax=None)[0] if rows else None
+    if transpose and _transpose_codes(x):
+        # One scale for the whole tensor: the transposed copy is the transpose of the codes.
+        out, _, scale_inv, _ = cast(x, rows=True, transpose=False, record_amax=record_amax)
+        out_t, out = out.t().contiguous(), (out if rows else None)
     else:
         out, out_t, scale_inv, _ = cast(x, rows=rows, transpose=transpose, record_amax=record_amax)
     return _quantized(out, scale_inv, "tensor"), _quantized(out_t, scale_inv, "tensor")
 
 
-def _transpose_before_cast(x: torch.Tensor) -> bool:
-    """Whether a transposed FP8 copy of x must come from transposing x first.
+def _transpose_codes(x: torch.Tensor) -> bool:
+    """Whether the transposed FP8 copy of x must be made by transposing the row-major copy's codes
+    instead of by the cast kernel itself.
 
     On an H100 (Triton 3.6) the fused cast-and-transpose of the tensorwise and 128x128-block
     kernels wrote wrong FP8 codes for float32 sources at training sizes, while the same kernels'
-    row-major copies, and their transposes of bfloat16 sources, were exact. Transposing the float32
-    tensor and casting it row-major costs one extra pass (weights: once per optimizer step) and
-    gives the same codes and scales as the reference.
+    row-major copies, and their transposes of bfloat16 sources, were exact. Where one scale covers
+    the tensor (or a square block), the transposed copy holds the same codes, so it is a transpose
+    of 1-byte codes: a quarter of the bytes of transposing the float32 source, and no second cast.
     """
     return x.dtype == torch.float32
 
@@ -196,10 +197,10 @@ def cast_blocks(x: torch.Tensor, fmt: Fp8Format, *, transpose: bool = False, pow
     if not use_triton(x, backend):
         return scaling.quantize_blocks(x, fmt, transpose=transpose, power_of_two=power_of_two,
                                        amax_floor=amax_floor)
-    if transpose and _transpose_before_cast(x):
-        # 128x128 blocks of x^T are the transposes of x's blocks: same amaxes, same scales.
-        return (cast_blocks(x, fmt, power_of_two=power_of_two, amax_floor=amax_floor, backend=backend)[0],
-                cast_blocks(x.t(), fmt, power_of_two=power_of_two, amax_floor=amax_floor, backend=backend)[0])
+    if transpose and _transpose_codes(x):
+        # 128x128 blocks of x^T are the transposes of x's blocks: same scales, transposed codes.
+        q = cast_blocks(x, fmt, power_of_two=power_of_two, amax_floor=amax_floor, backend=backend)[0]
+        return q, q.t()
     x = x.contiguous()
     rows, cols = x.shape
     nr, nc = cdiv(rows, BLOCK), cdiv(cols, BLOCK)

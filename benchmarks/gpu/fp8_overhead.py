@@ -8,6 +8,7 @@ Per call, for bf16 `nn.Linear` and each FP8 recipe at one shape:
   wall_us       issue plus completion over the same loop: what an eager training loop gets
   device_ops    kernels, copies and memsets the device ran (from a torch.profiler trace)
   device_us     their summed duration
+  device_kernels  per kernel name: launches and microseconds per call, longest first
   top_host_ops  the operators with the largest host-side self time (profiled, so inflated;
                 their counts are exact)
 
@@ -54,6 +55,13 @@ def profile_call(step: Callable[[], object], device: torch.device, calls: int = 
     device_events = [e for e in prof.events() if e.device_type != DeviceType.CPU]
     result["device_ops"] = len(device_events) / calls
     result["device_us"] = sum(e.time_range.elapsed_us() for e in device_events) / calls
+    kernels: dict[str, list[float]] = {}
+    for e in device_events:
+        count_us = kernels.setdefault(e.name, [0, 0.0])
+        count_us[0] += 1 / calls
+        count_us[1] += e.time_range.elapsed_us() / calls
+    result["device_kernels"] = [{"kernel": name, "launches": n, "us": us}
+                                for name, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])]
     by_self_time = sorted((e for e in prof.key_averages() if e.device_type == DeviceType.CPU),
                           key=lambda e: e.self_cpu_time_total, reverse=True)
     result["top_host_ops"] = [{"op": e.key, "calls": e.count / calls, "self_us": e.self_cpu_time_total / calls}

@@ -58,7 +58,9 @@ def goals(sections: dict, squares: list, recipes) -> list[list[str]]:
             add(f"end-to-end training speedup{label}", GOALS["e2e"],
                 _best(learners, lambda r: r["speedup"]["median"]))
     e2e = e2e_runs(sections)
-    ker = {k: v for k, v in sections.get("kernels", {}).get("kernels", {}).items() if k != "amax"}
+    # The goal is the cast kernels' own: fp32 rows add torch's transpose of the codes (shown in the table).
+    ker = {k: v for k, v in sections.get("kernels", {}).get("kernels", {}).items()
+           if k != "amax" and "fp32" not in k}
     slowest = min(((k, v["fraction_of_copy"]) for k, v in ker.items()), key=lambda t: t[1], default=None)
     add("slowest cast kernel, fraction of copy", GOALS["cast_fraction"], slowest)
     stuck = [f"{rc} {r['loss']['fp8'][-1]:.3f} vs bf16 {r['loss']['bf16'][-1]:.3f}"
@@ -138,6 +140,9 @@ def summary(results: dict, squares: list, recipes, elapsed_s: float) -> str:
                   format_table(["layer", "host", "wall", "device ops", "device"], rows)]
         if over.get("host_costs_us"):
             lines.append("host us per call: " + ", ".join(f"{k} {v:.0f}" for k, v in over["host_costs_us"].items()))
+        for name, c in over["calls"].items():
+            top = ", ".join(f"{k['kernel'][:48]} {k['us']:.1f}" for k in c.get("device_kernels", [])[:6])
+            lines += [f"{name} device us: {top}"] if top else []
     lin = s.get("linear", {}).get("shapes", {})
     if lin:
         def cell(r: dict, rc: str) -> str:

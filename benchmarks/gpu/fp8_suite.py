@@ -299,13 +299,15 @@ class Suite:
         dev = self.device
         rows, cols = self.sizes["kernel_shape"]
         x = torch.randn(rows, cols, device=dev, dtype=torch.bfloat16)
+        x32 = x.float()  # under bf16 autocast with fp32 weights the norms feed the layers fp32
         dst = torch.empty_like(x)
         scale, record = torch.full((), 7.5, device=dev), torch.zeros(1, device=dev)
         n = x.numel()
         # Bytes each pass must move by design: bf16 reads (2 B) and FP8 writes (1 B) per element.
         # Current tensorwise scaling reads x once for its amax and once to cast; rowwise reads it for
         # the row amaxes, the column amaxes and the cast; tiles and blocks need one read (blocks
-        # read a block twice, the second time from L2).
+        # read a block twice, the second time from L2). From fp32 (4 B) the transposed copy of a
+        # one-scale cast is a transpose of the row-major codes (1 B read, 1 B written).
         cases = {
             "amax": (lambda: kernels.amax(x), 2 * n),
             "cast_tensorwise+T (current)": (lambda: kernels.cast_tensorwise(x, E4M3, transpose=True), 6 * n),
@@ -316,6 +318,8 @@ class Suite:
             "cast_tiles 1x128 dim1": (lambda: kernels.cast_tiles(x, E4M3, dim=1), 3 * n),
             "cast_tiles 1x128 dim0": (lambda: kernels.cast_tiles(x, E4M3, dim=0), 3 * n),
             "cast_blocks+T 128x128": (lambda: kernels.cast_blocks(x, E4M3, transpose=True), 4 * n),
+            "cast_tensorwise+T (current, fp32)": (lambda: kernels.cast_tensorwise(x32, E4M3, transpose=True), 11 * n),
+            "cast_blocks+T 128x128 (fp32)": (lambda: kernels.cast_blocks(x32, E4M3, transpose=True), 7 * n),
         }
         out["shape"] = [rows, cols]
         out["kernels"], out["errors"] = {}, {}
