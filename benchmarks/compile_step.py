@@ -62,6 +62,11 @@ def make_step(size: dict, precision: str, compiled: bool):
         convert_to_float8(model, precision)
     if compiled:
         apply_compile(model)
+    return training_step(model, size)
+
+
+def training_step(model: nn.Module, size: dict):
+    """A fused-AdamW training step of `model` on one fixed batch of `size`."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(size["model"].vocab_size, (size["batch"], size["seq"] + 1),
                            generator=torch.Generator().manual_seed(0))

@@ -23,6 +23,11 @@ edits such as `load_state_dict`. The master weight stays in its own dtype, so un
 goes straight to FP8. Under `torch.compile` there is no cache: the graph casts the weight on every
 call; a layer with a `weight_source` (below) runs eagerly between compiled graphs.
 
+Layers that read the same tensor (wq, wk and wv; w1 and w3) cast it once: the last input cast is
+kept, keyed on the tensor itself, its version, the recipe and the amax groups, which fix the codes
+(`_LastInputCast`). All of them then save the same FP8 copy for their weight gradients. Delayed
+scaling keeps a scale per layer, so each of its layers casts for itself.
+
 Sharded layouts plug in from outside: a tensor-parallel wrapper hands a shard as the weight and
 the tp group in `amax_groups.weight`, so every shard is scaled like the whole weight. A layer can
 also be given its FP8 weight ready-made (`weight_source`): ZeRO-3 gathers the weight already cast
@@ -148,6 +153,22 @@ class Float8Linear(nn.Linear):
         return kernels.cast_tensorwise(x, fmt, rows=need_rows, transpose=need_t,
                                        amax_groups=getattr(self.amax_groups, role), **opts)
 
+    def quantized_input(self, x: torch.Tensor, need_t: bool) -> tuple[Quantized, Optional[Quantized]]:
+        """The FP8 copies of x as a 2-D operand (tokens padded to a multiple of 16, features), shared
+        with the previous FP8 layer when it cast the same tensor (see the module doc)."""
+        def cast():
+            tokens = x.numel() // x.shape[-1]
+            return self.quantize("input", _pad_rows(x.reshape(tokens, x.shape[-1])), need_rows=True, need_t=need_t)
+        if (isinstance(self.recipe, DelayedRecipe) or torch.compiler.is_compiling()  # a graph keeps no cache
+                or x.is_inference()):  # inference tensors have no version to key on
+            return cast()
+        key = (x._version, self.recipe, self.amax_groups.input)
+        copies = _last_input.get(x, key, need_t)
+        if copies is None:
+            copies = cast()
+            _last_input.put(x, key, copies)
+        return copies
+
     def quantized_weight(self, need_t: bool) -> tuple[Quantized, Optional[Quantized]]:
         """The weight's FP8 copies, cast at most once per weight update."""
         w = self.weight
@@ -164,6 +185,29 @@ class Float8Linear(nn.Linear):
     def refresh_weight(self) -> None:
         """Drop the cached FP8 weight; the next forward casts the weight again."""
         self._weight_cache = None
+
+
+class _LastInputCast:
+    """The FP8 copies of the last input cast, until that tensor is freed or another is cast."""
+
+    def __init__(self):
+        self._entry: Optional[tuple] = None  # (weakref to the input, key, row-major copy, transposed copy)
+
+    def get(self, x: torch.Tensor, key: tuple, need_t: bool) -> Optional[tuple]:
+        entry = self._entry
+        if entry is None or entry[0]() is not x or entry[1] != key or (need_t and entry[3] is None):
+            return None
+        return entry[2], entry[3]
+
+    def put(self, x: torch.Tensor, key: tuple, copies: tuple) -> None:
+        self._entry = (weakref.ref(x, self._forget), key, *copies)
+
+    def _forget(self, ref: weakref.ref) -> None:
+        if self._entry is not None and self._entry[0] is ref:
+            self._entry = None
+
+
+_last_input = _LastInputCast()
 
 
 @torch.compiler.disable  # the gathered weight comes from Python state a graph cannot follow: run eagerly
@@ -196,13 +240,12 @@ class _Float8LinearFn(torch.autograd.Function):
                 out_dtype: torch.dtype) -> torch.Tensor:
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         lead, tokens = x.shape[:-1], x.numel() // x.shape[-1]
-        x2d = _pad_rows(x.reshape(tokens, x.shape[-1]))
         source = layer.weight_source
         if source is None:
             w_rows, w_t = layer.quantized_weight(need_t=need_dgrad)
         else:  # the transposed copy is asked for in backward
             w_rows, w_t = source(False), None
-        x_rows, x_t = layer.quantize("input", x2d, need_rows=True, need_t=need_wgrad)
+        x_rows, x_t = layer.quantized_input(x, need_t=need_wgrad)
         y = _unpad_rows(scaled_mm(x_rows, w_rows, out_dtype, fast_accum=True), tokens)
         if bias is not None:
             y = y + bias.to(out_dtype)

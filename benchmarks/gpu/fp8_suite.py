@@ -90,13 +90,15 @@ def guarded(fn, errors: dict, key: str):
 
 def linear_steps(m: int, k: int, n: int, device: torch.device, recipes=RECIPES, compiled: bool = False) -> dict:
     """name -> a fwd+bwd call of one bf16 layer (and its inputs), for bf16 and each recipe, eager or
-    under torch.compile; the FP8 steps cast the weight every call (eager: the cache is dropped)."""
+    under torch.compile; the FP8 steps cast the weight every call (eager: the cache is dropped), and
+    every call reads a new view of the input, as each step of training brings a new activation (an
+    FP8 layer reuses the cast of the tensor it was last given)."""
     base = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
     wrap = torch.compile if compiled else (lambda module: module)
     run_base = wrap(base)
-    steps = {"bf16": lambda: torch.autograd.grad(run_base(x), (x, base.weight), dy)}
+    steps = {"bf16": lambda: torch.autograd.grad(run_base(x.view_as(x)), (x, base.weight), dy)}
     errors = {}
 
     def fp8_step(recipe: str):
@@ -107,7 +109,7 @@ def linear_steps(m: int, k: int, n: int, device: torch.device, recipes=RECIPES, 
 
         def step():
             layer.refresh_weight()
-            return torch.autograd.grad(run(x), (x, layer.weight), dy)
+            return torch.autograd.grad(run(x.view_as(x)), (x, layer.weight), dy)
         return step
     for recipe in recipes:
         step = guarded(lambda: fp8_step(recipe), errors, recipe)
