@@ -11,6 +11,8 @@ Per call, for bf16 `nn.Linear` and each FP8 recipe at one shape:
   device_kernels  per kernel name: launches and microseconds per call, longest first
   top_host_ops  the operators with the largest host-side self time (profiled, so inflated;
                 their counts are exact)
+  top_python    the Python functions with the largest own time under cProfile (Triton's
+                launcher is Python, so a launch shows here and not among the operators)
 
 host_us well above device_us means the case is bound by the host: a larger layer, more tokens
 per call, or CUDA-graph replay hides it, and fewer launches shrink it; device_us near wall_us
@@ -23,7 +25,10 @@ allocation, a torch reduction, one Triton cast launch (its allocations included)
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -67,7 +72,22 @@ def profile_call(step: Callable[[], object], device: torch.device, calls: int = 
     result["top_host_ops"] = [{"op": e.key, "calls": e.count / calls, "self_us": e.self_cpu_time_total / calls}
                               for e in by_self_time[:8]]
     result["host_ops"] = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / calls
+    result["top_python"] = python_hotspots(step, device, calls)
     return result
+
+
+def python_hotspots(step: Callable[[], object], device: torch.device, calls: int, top: int = 10) -> list[dict]:
+    """Own (not cumulative) time per call of the Python functions a call spends most in."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        step()
+    profiler.disable()
+    sync(device)
+    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, primitive calls, own s, cum s, callers)
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [{"function": f"{Path(file).name}:{line}({name})", "calls": n / calls, "own_us": own / calls * 1e6}
+            for (file, line, name), (n, _, own, _, _) in rows]
 
 
 def host_costs(device: torch.device, calls: int = 200) -> dict:

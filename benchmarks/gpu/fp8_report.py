@@ -143,6 +143,8 @@ def summary(results: dict, squares: list, recipes, elapsed_s: float) -> str:
         for name, c in over["calls"].items():
             top = ", ".join(f"{k['kernel'][:48]} {k['us']:.1f}" for k in c.get("device_kernels", [])[:6])
             lines += [f"{name} device us: {top}"] if top else []
+            hot = ", ".join(f"{f['function']} {f['own_us']:.0f}" for f in c.get("top_python", [])[:5])
+            lines += [f"{name} python own us: {hot}"] if hot else []
     lin = s.get("linear", {}).get("shapes", {})
     if lin:
         def cell(r: dict, rc: str) -> str:
