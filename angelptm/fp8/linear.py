@@ -26,7 +26,8 @@ call; a layer with a `weight_source` (below) runs eagerly between compiled graph
 Layers that read the same tensor (wq, wk and wv; w1 and w3) cast it once: the last input cast is
 kept, keyed on the tensor itself, its version, the recipe and the amax groups, which fix the codes
 (`_LastInputCast`). All of them then save the same FP8 copy for their weight gradients. Delayed
-scaling keeps a scale per layer, so each of its layers casts for itself.
+scaling keeps a scale per layer, so each of its layers casts for itself, as does every layer under
+`torch.compile`, where the graph keeps no cache.
 
 Sharded layouts plug in from outside: a tensor-parallel wrapper hands a shard as the weight and
 the tp group in `amax_groups.weight`, so every shard is scaled like the whole weight. A layer can
