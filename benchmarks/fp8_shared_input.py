@@ -53,7 +53,8 @@ def casts_and_saved_bytes(step) -> tuple[int, int]:
     quantize = Float8Linear.quantize
 
     def counting(self, role, x, **kwargs):
-        casts.extend([role] if role == "input" else [])
+        if role == "input":
+            casts.append(role)
         return quantize(self, role, x, **kwargs)
 
     def pack(t: torch.Tensor) -> torch.Tensor:

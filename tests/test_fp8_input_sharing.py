@@ -19,7 +19,8 @@ def count_input_casts(monkeypatch) -> list:
     original = Float8Linear.quantize
 
     def counting(self, role, x, **kwargs):
-        calls.append(role) if role == "input" else None
+        if role == "input":
+            calls.append(role)
         return original(self, role, x, **kwargs)
     monkeypatch.setattr(Float8Linear, "quantize", counting)
     return calls
