@@ -128,8 +128,15 @@ def measure(size_name: str, rounds: int) -> dict:
     return rows
 
 
-def _cell(r) -> str:
+def spread_text(r) -> str:
     return "-" if r is None else f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+
+
+def record_size(results: dict, name: str, rows: dict) -> None:
+    """Store one size's rows in `results` and print the header of its table."""
+    size = SIZES[name]
+    results["sizes"][name] = {"model": vars(size["model"]), "batch": size["batch"], "seq": size["seq"], "rows": rows}
+    print(f"\n{name}: {size['batch']}x{size['seq']} tokens, dim {size['model'].dim}, {size['model'].n_layers} layers")
 
 
 def main() -> None:
@@ -137,17 +144,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     results = {"rounds": args.rounds, "threads": 1, "torch": torch.__version__, "sizes": {}}
-    for name, size in SIZES.items():
+    for name in SIZES:
         rows = measure(name, args.rounds)
-        results["sizes"][name] = {"model": vars(size["model"]), "batch": size["batch"], "seq": size["seq"],
-                                  "rows": rows}
-        print(f"\n{name}: {size['batch']}x{size['seq']} tokens, dim {size['model'].dim}, "
-              f"{size['model'].n_layers} layers")
+        record_size(results, name, rows)
         print(f"{'precision':<20} {'eager ms':>9} {'compiled ms':>12} {'compiled speedup':>22} "
               f"{'compiled, vs torchao compiled':>30}")
         for precision, row in rows.items():
             print(f"{precision:<20} {row['eager_ms']:>9.1f} {row['compiled_ms']:>12.1f} "
-                  f"{_cell(row['compiled_speedup']):>22} {_cell(row.get('compiled_vs_torchao_compiled')):>30}")
+                  f"{spread_text(row['compiled_speedup']):>22} "
+                  f"{spread_text(row.get('compiled_vs_torchao_compiled')):>30}")
     out = Path(__file__).resolve().parent / "results" / "compile_step.json"
     out.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {out}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from compile_step import SIZES, ratios, spread, training_step
+from compile_step import SIZES, ratios, record_size, spread, spread_text, training_step
 
 from angelptm.fp8 import Float8Linear, convert_to_float8
 from angelptm.models.llama import build_llama
@@ -97,18 +97,14 @@ def main() -> None:
     results = {"rounds": args.rounds, "threads": 1, "torch": torch.__version__, "sizes": {}}
     for size_name, size in SIZES.items():
         rows = {recipe: measure(size, recipe, args.rounds) for recipe in RECIPES}
-        results["sizes"][size_name] = {"model": vars(size["model"]), "batch": size["batch"], "seq": size["seq"],
-                                       "rows": rows}
-        print(f"\n{size_name}: {size['batch']}x{size['seq']} tokens, dim {size['model'].dim}, "
-              f"{size['model'].n_layers} layers")
+        record_size(results, size_name, rows)
         print(f"{'recipe':<11} {'input casts':>12} {'saved FP8 KiB':>15} {'per-layer ms':>13} {'shared ms':>10} "
               f"{'speedup':>18}")
         for recipe, r in rows.items():
-            s = r["speedup"]
             print(f"{recipe:<11} {r['per_layer_input_casts']:>5} -> {r['shared_input_casts']:<4} "
                   f"{r['per_layer_saved_fp8_bytes'] / 1024:>6.0f} -> {r['shared_saved_fp8_bytes'] / 1024:<6.0f} "
                   f"{r['per_layer_ms']:>13.1f} {r['shared_ms']:>10.1f} "
-                  f"{s['median']:>6.2f} ({s['min']:.2f}-{s['max']:.2f})")
+                  f"{spread_text(r['speedup']):>18}")
     out = Path(__file__).resolve().parent / "results" / "fp8_shared_input.json"
     out.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {out}")
