@@ -25,6 +25,10 @@ def test_gpu_suite_dry_run_covers_every_section(tmp_path):
         assert not {"error", "skipped", "skipped_from"} & set(section), (name, section)
         assert not section.get("errors"), (name, section["errors"])
         assert not any(row.get("errors") for row in section.get("shapes", {}).values()), name
+    env = sections["env"]
+    # CPU torch has no blockwise scaling: the probe says so and the recipe keeps its kernel.
+    assert env["blockwise_triton_TFLOPs"] > 0 and "blockwise_cublas_TFLOPs" not in env
+    assert len(env["blockwise_native"]) == 4 and not any(env["blockwise_native"].values())
     parity = sections["parity"]
     assert parity["backend"] == ("triton" if importlib.util.find_spec("triton") else "torch")
     # every cast on bfloat16 (activations, gradients) and on float32 (master weights) sources

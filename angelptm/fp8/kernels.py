@@ -18,8 +18,8 @@ references elsewhere. Forcing "triton" on CPU tensors needs TRITON_INTERPRET=1 s
 triton is imported; the tests do that to hold each kernel to its reference bit for bit.
 
 Under `torch.compile` the casts always take the references, which inductor compiles into kernels
-fused with the surrounding elementwise work; the blockwise GEMM stays out of the graph and runs
-its kernel eagerly.
+fused with the surrounding elementwise work; the blockwise GEMM kernel stays out of the graph and
+runs eagerly (where cuBLASLt takes blockwise scales, `gemm.scaled_mm` uses it instead, in the graph).
 """
 
 from __future__ import annotations

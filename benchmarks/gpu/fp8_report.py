@@ -118,6 +118,13 @@ def summary(results: dict, squares: list, recipes, elapsed_s: float) -> str:
                      f"{env['copy_GBps']:.0f} GB/s, bf16 {env['bf16_TFLOPs']:.0f} TFLOP/s, FP8 _scaled_mm "
                      f"{env['fp8_TFLOPs']:.0f} ({env['fp8_fast_accum_TFLOPs']:.0f} fast accum) TFLOP/s "
                      f"at {env['ceiling_shape']}^3")
+        if "blockwise_triton_TFLOPs" in env:
+            cublas = env.get("blockwise_cublas_TFLOPs")
+            lines.append(f"blockwise GEMM (1x128 x 128x128) at {env['ceiling_shape']}^3: Triton "
+                         f"{env['blockwise_triton_TFLOPs']:.0f} TFLOP/s, cuBLASLt "
+                         + (f"{cublas:.0f} TFLOP/s" if cublas else "not available")
+                         + "; cuBLASLt used for: "
+                         + (", ".join(k for k, ok in env["blockwise_native"].items() if ok) or "none"))
     parity = _parity_line(s.get("parity", {}))
     if parity:
         lines.append(parity)
