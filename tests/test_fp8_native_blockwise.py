@@ -39,6 +39,7 @@ def contract_scaled_mm(calls: list, misread_b: bool = False):
         else:
             raise RuntimeError("Invalid scaling configuration")
         calls.append(kind)
+        scaled_mm.scales = (scale_a, scale_b)
         sb = sb.contiguous()
         if misread_b:
             sb = sb.t().reshape(sb.shape)
@@ -65,13 +66,16 @@ def operands(m: int, k: int, n: int, b_kind: str):
 def test_gemms_in_whole_blocks_go_through_scaled_mm_with_the_layouts_it_checks(b_kind, out_dtype, fresh_probe,
                                                                                 monkeypatch):
     calls = []
-    monkeypatch.setattr(torch, "_scaled_mm", contract_scaled_mm(calls))
+    native = contract_scaled_mm(calls)
+    monkeypatch.setattr(torch, "_scaled_mm", native)
     assert gemm.native_blockwise(torch.device("cpu"), b_kind, out_dtype)
     calls.clear()
     a, b = operands(256, 1024, 384, b_kind)
     got = gemm.scaled_mm(a, b, out_dtype)
     assert calls == [b_kind]
     assert torch.equal(got, kernels.blockwise_mm_reference(a, b, out_dtype))
+    # The casts lay their scales out as cuBLASLt reads them: no copy on the way in.
+    assert [s.data_ptr() for s in native.scales] == [a.scale_inv.data_ptr(), b.scale_inv.data_ptr()]
 
 
 @pytest.mark.parametrize("shape", [(200, 1024, 384), (256, 1024, 200), (256, 640, 384)])

@@ -48,10 +48,12 @@ def scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype, *, fast_accum:
 
 
 def blockwise_scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
-    """a (M, K) 1x128-tiled @ b (N, K)^T 128x128-blocked or 1x128-tiled through `torch._scaled_mm`,
-    with the scale layouts cuBLASLt reads: a's tile scales outer-dim-major, stride (1, M); b's
-    blocks as those of the column-major (K, N) operand; b's tiles (K/128, N) row-major.
-    Fast accumulation is not offered with blockwise scales."""
+    """a (M, K) 1x128-tiled @ b (N, K)^T 128x128-blocked or 1x128-tiled through `torch._scaled_mm`.
+
+    cuBLASLt reads tile scales column-major (stride (1, rows)), as the casts lay them out, and b's
+    blocks as those of the column-major (K, N) operand, a transposed view: nothing is copied
+    unless a scale comes laid out otherwise. Fast accumulation is not offered with blockwise scales.
+    """
     scale_a = a.scale_inv.t().contiguous().t()
     scale_b = b.scale_inv.contiguous().t() if b.kind == "block" else b.scale_inv.t().contiguous()
     return torch._scaled_mm(a.data, b.data.t(), scale_a, scale_b, out_dtype=out_dtype)

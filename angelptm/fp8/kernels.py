@@ -182,11 +182,11 @@ def cast_tiles(x: torch.Tensor, fmt: Fp8Format, *, dim: int, power_of_two: bool 
     rows, cols = src.shape
     out = torch.empty((rows, cols), dtype=fmt.dtype, device=x.device)
     n_groups = cdiv(cols, BLOCK)
-    scale_inv = torch.empty((rows, n_groups), dtype=torch.float32, device=x.device)
+    scale_inv = torch.empty((n_groups, rows), dtype=torch.float32, device=x.device).t()  # column-major
     # Tiles are long on the input's contiguous dimension so loads coalesce.
     block_r = 16 if src.stride(1) == 1 else 64
     _tk().cast_tiles_kernel[(cdiv(rows, block_r), n_groups)](
-        src, out, scale_inv, rows, cols, src.stride(0), src.stride(1), n_groups, amax_floor,
+        src, out, scale_inv, rows, cols, src.stride(0), src.stride(1), amax_floor,
         POW2=power_of_two, BLOCK_R=block_r, GROUP=BLOCK, num_warps=4, **_format_args(fmt))
     return Quantized(out, scale_inv, "tile")
 
@@ -225,7 +225,8 @@ def blockwise_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype, backend: Op
     out = torch.empty((m, n), dtype=out_dtype, device=a.data.device)
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, BLOCK),)  # noqa: E731
     _tk().blockwise_gemm_kernel[grid](
-        a.data, b.data, out, a.scale_inv, b.scale_inv, m, n, k, cdiv(k, BLOCK),
+        a.data, b.data, out, a.scale_inv, b.scale_inv, m, n, k, cdiv(k, BLOCK), *a.scale_inv.stride(),
+        *b.scale_inv.stride(),
         B_ROW_BLOCK=b.block[0], EVEN_K=k % BLOCK == 0, BLOCK_N=BLOCK, BLOCK_K=BLOCK)
     return out
 

@@ -150,7 +150,8 @@ class Quantized:
 
         "tensor"  one scale, scale_inv shape ()
         "row"     one per row, (rows, 1)
-        "tile"    one per 1x128 tile, (rows, ceil(cols / 128))
+        "tile"    one per 1x128 tile, (rows, ceil(cols / 128)), stored column-major (stride
+                  (1, rows)): the layout cuBLASLt's blockwise GEMM reads, with no copy
         "block"   one per 128x128 block, (ceil(rows / 128), ceil(cols / 128))
     """
 
@@ -228,7 +229,9 @@ def quantize_groups(x: torch.Tensor, fmt: Fp8Format, *, group: Optional[int], di
     amax = tiles.abs().amax(dim=-1)
     scale = scale_from_amax(amax, fmt, power_of_two, amax_floor)
     data = cast_to_fp8(tiles * scale[:, :, None], fmt).view(rows, n_groups * size)[:, :cols].contiguous()
-    return Quantized(data, scale.reciprocal(), "row" if group is None else "tile")
+    if group is None:
+        return Quantized(data, scale.reciprocal(), "row")
+    return Quantized(data, scale.reciprocal().t().contiguous().t(), "tile")
 
 
 def quantize_blocks(x: torch.Tensor, fmt: Fp8Format, *, block: int = BLOCK, transpose: bool = False,

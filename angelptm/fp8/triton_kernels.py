@@ -113,12 +113,13 @@ def cast_kernel(x_ptr, out_ptr, out_t_ptr, row_src_ptr, col_src_ptr, row_scale_i
 
 
 @triton.jit
-def cast_tiles_kernel(x_ptr, out_ptr, scale_inv_ptr, R, C, stride_r, stride_c, n_groups, amax_floor,
+def cast_tiles_kernel(x_ptr, out_ptr, scale_inv_ptr, R, C, stride_r, stride_c, amax_floor,
                       FMAX: tl.constexpr, MANT: tl.constexpr, MIN_EXP: tl.constexpr, POW2: tl.constexpr,
                       BLOCK_R: tl.constexpr, GROUP: tl.constexpr):
     """One scale per GROUP consecutive elements of each row of the strided (R, C) view (1x128
-    tiles), in one read; output (R, C) row-major. Reading through strides lets the same kernel
-    quantize down the columns of a row-major tensor and emit its transpose."""
+    tiles), in one read; output (R, C) row-major, scales (R, groups) column-major. Reading through
+    strides lets the same kernel quantize down the columns of a row-major tensor and emit its
+    transpose."""
     pid_r = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -129,7 +130,7 @@ def cast_tiles_kernel(x_ptr, out_ptr, scale_inv_ptr, R, C, stride_r, stride_c, n
     scale = _scale_from_amax(tl.max(tl.abs(x), axis=1), amax_floor, FMAX, POW2)
     q = _quantize(x, scale[:, None], FMAX, MANT, MIN_EXP)
     tl.store(out_ptr + rows[:, None] * C + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_inv_ptr + rows * n_groups + pid_g, _reciprocal(scale), mask=row_mask)
+    tl.store(scale_inv_ptr + pid_g * R + rows, _reciprocal(scale), mask=row_mask)
 
 
 @triton.jit
@@ -187,12 +188,14 @@ def _gemm_configs() -> list:
                  do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20))
 @triton.jit
 def blockwise_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, M, N, K, n_k_groups,
+                          stride_sa_m, stride_sa_k, stride_sb_n, stride_sb_k,
                           B_ROW_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out (M, N) = a (M, K) @ b (N, K)^T with a's scales per (row, K-slice of BLOCK_K) and b's
-    per (row block of B_ROW_BLOCK, K-slice). The FP8 tensor cores multiply each slice; its partial
-    sum leaves them in FP32 and is scaled before it is accumulated: DeepSeek-V3's FP32 promotion,
-    which also bounds the error of Hopper's reduced-precision FP8 accumulation to one slice."""
+    per (row block of B_ROW_BLOCK, K-slice), each grid of scales read through its strides. The FP8
+    tensor cores multiply each slice; its partial sum leaves them in FP32 and is scaled before it
+    is accumulated: DeepSeek-V3's FP32 promotion, which also bounds the error of Hopper's
+    reduced-precision FP8 accumulation to one slice."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -220,13 +223,14 @@ def blockwise_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, M, N, K, n_k_gr
             b = tl.load(b_ptr + offs_n[:, None] * K + k[None, :], mask=n_mask[:, None] & (k[None, :] < K),
                         other=0.0)
         partial = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
-        sa = tl.load(sa_ptr + offs_m * n_k_groups + kb, mask=m_mask, other=0.0)
+        sa = tl.load(sa_ptr + offs_m * stride_sa_m + kb * stride_sa_k, mask=m_mask, other=0.0)
         if B_ROW_BLOCK == BLOCK_N:
             # A weight block spans the whole tile: one scale, one multiply per row.
-            sb = tl.load(sb_ptr + pid_n * n_k_groups + kb)
+            sb = tl.load(sb_ptr + pid_n * stride_sb_n + kb * stride_sb_k)
             acc += partial * (sa * sb)[:, None]
         else:
-            sb = tl.load(sb_ptr + (offs_n // B_ROW_BLOCK) * n_k_groups + kb, mask=n_mask, other=0.0)
+            sb = tl.load(sb_ptr + (offs_n // B_ROW_BLOCK) * stride_sb_n + kb * stride_sb_k, mask=n_mask,
+                         other=0.0)
             acc += partial * (sa[:, None] * sb[None, :])
     out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out, mask=m_mask[:, None] & n_mask[None, :])
