@@ -139,23 +139,33 @@ def record_size(results: dict, name: str, rows: dict) -> None:
     print(f"\n{name}: {size['batch']}x{size['seq']} tokens, dim {size['model'].dim}, {size['model'].n_layers} layers")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_benchmark(doc: str, filename: str, measure_size, print_rows) -> None:
+    """The command line of the CPU step benchmarks: `--rounds`, every size measured
+    (`measure_size(name, rounds)` -> rows) and printed, the results written to results/`filename`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     results = {"rounds": args.rounds, "threads": 1, "torch": torch.__version__, "sizes": {}}
     for name in SIZES:
-        rows = measure(name, args.rounds)
+        rows = measure_size(name, args.rounds)
         record_size(results, name, rows)
-        print(f"{'precision':<20} {'eager ms':>9} {'compiled ms':>12} {'compiled speedup':>22} "
-              f"{'compiled, vs torchao compiled':>30}")
-        for precision, row in rows.items():
-            print(f"{precision:<20} {row['eager_ms']:>9.1f} {row['compiled_ms']:>12.1f} "
-                  f"{spread_text(row['compiled_speedup']):>22} "
-                  f"{spread_text(row.get('compiled_vs_torchao_compiled')):>30}")
-    out = Path(__file__).resolve().parent / "results" / "compile_step.json"
+        print_rows(rows)
+    out = Path(__file__).resolve().parent / "results" / filename
     out.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {out}")
+
+
+def print_rows(rows: dict) -> None:
+    print(f"{'precision':<20} {'eager ms':>9} {'compiled ms':>12} {'compiled speedup':>22} "
+          f"{'compiled, vs torchao compiled':>30}")
+    for precision, row in rows.items():
+        print(f"{precision:<20} {row['eager_ms']:>9.1f} {row['compiled_ms']:>12.1f} "
+              f"{spread_text(row['compiled_speedup']):>22} "
+              f"{spread_text(row.get('compiled_vs_torchao_compiled')):>30}")
+
+
+def main() -> None:
+    run_benchmark(__doc__, "compile_step.json", measure, print_rows)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,12 @@ Writes benchmarks/results/fp8_shared_input.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from compile_step import SIZES, ratios, record_size, spread, spread_text, training_step
+from compile_step import SIZES, ratios, run_benchmark, spread, spread_text, training_step
 
 from angelptm.fp8 import Float8Linear, convert_to_float8
 from angelptm.models.llama import build_llama
@@ -89,25 +86,21 @@ def measure(size: dict, recipe: str, rounds: int, steps_per_round: int = 3) -> d
     return row
 
 
+def print_rows(rows: dict) -> None:
+    print(f"{'recipe':<11} {'input casts':>12} {'saved FP8 KiB':>15} {'per-layer ms':>13} {'shared ms':>10} "
+          f"{'speedup':>18}")
+    for recipe, r in rows.items():
+        print(f"{recipe:<11} {r['per_layer_input_casts']:>5} -> {r['shared_input_casts']:<4} "
+              f"{r['per_layer_saved_fp8_bytes'] / 1024:>6.0f} -> {r['shared_saved_fp8_bytes'] / 1024:<6.0f} "
+              f"{r['per_layer_ms']:>13.1f} {r['shared_ms']:>10.1f} "
+              f"{spread_text(r['speedup']):>18}")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=9)
-    args = parser.parse_args()
     torch.set_num_threads(1)
-    results = {"rounds": args.rounds, "threads": 1, "torch": torch.__version__, "sizes": {}}
-    for size_name, size in SIZES.items():
-        rows = {recipe: measure(size, recipe, args.rounds) for recipe in RECIPES}
-        record_size(results, size_name, rows)
-        print(f"{'recipe':<11} {'input casts':>12} {'saved FP8 KiB':>15} {'per-layer ms':>13} {'shared ms':>10} "
-              f"{'speedup':>18}")
-        for recipe, r in rows.items():
-            print(f"{recipe:<11} {r['per_layer_input_casts']:>5} -> {r['shared_input_casts']:<4} "
-                  f"{r['per_layer_saved_fp8_bytes'] / 1024:>6.0f} -> {r['shared_saved_fp8_bytes'] / 1024:<6.0f} "
-                  f"{r['per_layer_ms']:>13.1f} {r['shared_ms']:>10.1f} "
-                  f"{spread_text(r['speedup']):>18}")
-    out = Path(__file__).resolve().parent / "results" / "fp8_shared_input.json"
-    out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"\nwrote {out}")
+    run_benchmark(__doc__, "fp8_shared_input.json",
+                  lambda name, rounds: {recipe: measure(SIZES[name], recipe, rounds) for recipe in RECIPES},
+                  print_rows)
 
 
 if __name__ == "__main__":
