@@ -16,16 +16,18 @@ Per call, for bf16 `nn.Linear` and each FP8 recipe at one shape:
 
 host_us well above device_us means the case is bound by the host: a larger layer, more tokens
 per call, or CUDA-graph replay hides it, and fewer launches shrink it; device_us near wall_us
-means the kernels themselves are the cost.
+means the kernels themselves are the cost. At a shape bound by the device, `device_trace` alone
+splits that cost by kernel: the GEMMs against the casts around them.
 
 `host_costs` prices the pieces a call is made of on this host, on tiny tensors: an empty
-allocation, a torch reduction, one Triton cast launch (its allocations included) and one
-`torch._scaled_mm`.
+allocation, a torch reduction, one Triton cast launch (its allocations included), the launch of
+a Triton kernel of one argument (the floor under any Triton launch) and one `torch._scaled_mm`.
 """
 
 from __future__ import annotations
 
 import cProfile
+import os
 import pstats
 import time
 from pathlib import Path
@@ -38,6 +40,14 @@ from harness import sync
 
 from angelptm.fp8 import E4M3, kernels
 
+if kernels.HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _one_argument_kernel(x_ptr):
+        tl.store(x_ptr, tl.load(x_ptr))
+
 
 def profile_call(step: Callable[[], object], device: torch.device, calls: int = 5) -> dict:
     step()
@@ -49,7 +59,16 @@ def profile_call(step: Callable[[], object], device: torch.device, calls: int = 
     sync(device)
     done = time.perf_counter()
     result = {"host_us": (issued - start) / calls * 1e6, "wall_us": (done - start) / calls * 1e6}
+    result.update(device_trace(step, device, calls))
+    result["top_python"] = python_hotspots(step, device, calls)
+    return result
 
+
+def device_trace(step: Callable[[], object], device: torch.device, calls: int = 5) -> dict:
+    """The profiled part of `profile_call`: device ops and time per kernel, and the host operators.
+    Alone, it is the breakdown of a case bound by the device (host figures then say nothing)."""
+    step()
+    sync(device)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -58,7 +77,7 @@ def profile_call(step: Callable[[], object], device: torch.device, calls: int = 
             step()
         sync(device)
     device_events = [e for e in prof.events() if e.device_type != DeviceType.CPU]
-    result["device_ops"] = len(device_events) / calls
+    result = {"device_ops": len(device_events) / calls}
     result["device_us"] = sum(e.time_range.elapsed_us() for e in device_events) / calls
     kernels: dict[str, list[float]] = {}
     for e in device_events:
@@ -72,7 +91,6 @@ def profile_call(step: Callable[[], object], device: torch.device, calls: int = 
     result["top_host_ops"] = [{"op": e.key, "calls": e.count / calls, "self_us": e.self_cpu_time_total / calls}
                               for e in by_self_time[:8]]
     result["host_ops"] = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / calls
-    result["top_python"] = python_hotspots(step, device, calls)
     return result
 
 
@@ -101,6 +119,8 @@ def host_costs(device: torch.device, calls: int = 200) -> dict:
         "cast launch (delayed, rows)": lambda: kernels.cast_tensorwise(x, E4M3, scale=scale),
         "_scaled_mm": lambda: torch._scaled_mm(x8, x8.t(), scale, scale, out_dtype=torch.bfloat16),
     }
+    if kernels.HAVE_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        pieces["Triton launch, one argument"] = lambda: _one_argument_kernel[(1,)](scale)
     costs = {}
     for name, fn in pieces.items():
         for _ in range(10):

@@ -152,6 +152,13 @@ def summary(results: dict, squares: list, recipes, elapsed_s: float) -> str:
             lines += [f"{name} device us: {top}"] if top else []
             hot = ", ".join(f"{f['function']} {f['own_us']:.0f}" for f in c.get("top_python", [])[:5])
             lines += [f"{name} python own us: {hot}"] if hot else []
+    bound = over.get("device_bound", {})
+    if bound.get("calls"):
+        lines += ["", f"One fwd+bwd at {bound['shape'][0]}^3, bound by the device: us per call, in all and by kernel "
+                      "(launches)"]
+        for name, c in bound["calls"].items():
+            top = ", ".join(f"{k['kernel'][:48]} {k['us']:.0f} ({k['launches']:.0f})" for k in c["device_kernels"][:6])
+            lines.append(f"{name} {c['device_us']:.0f}: {top or 'no device kernels traced'}")
     lin = s.get("linear", {}).get("shapes", {})
     if lin:
         def cell(r: dict, rc: str) -> str:

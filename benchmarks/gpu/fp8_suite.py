@@ -8,7 +8,8 @@ budget inside one global deadline (whatever does not fit is recorded as skipped)
             mismatch counts, FP8-ulp distances and examples: see fp8_parity.py), the blockwise
             GEMM against its reference, Float8Linear errors against FP64
   overhead  one fwd+bwd at 2048^3 per recipe and for bf16: host issue time, wall time, device
-            kernel count and time, top host ops (fp8_overhead.py)
+            kernel count and time, top host ops (fp8_overhead.py); then at 8192^3, bound by the
+            device, its time per kernel: the GEMMs against the casts
   linear    fwd+bwd (weight cast included) per recipe vs bf16, M=K=N in {1024, 2048, 4096, 8192}
             and the Llama-3-8B MLP shapes; TFLOP/s and speedup, eagerly and as CUDA-graph replays
             (device time alone)
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 from fp8_e2e import E2E_SIZES, run_e2e
-from fp8_overhead import host_costs, profile_call
+from fp8_overhead import device_trace, host_costs, profile_call
 from fp8_parity import awkward_input, run_checks
 from fp8_report import summary
 from harness import Deadline, OutOfTime, compare, graphed, median, ratio_stats
@@ -54,7 +55,7 @@ from angelptm.fp8.gemm import blockwise_scaled_mm, native_blockwise, scaled_mm
 RECIPES = ("tensorwise", "delayed", "rowwise", "blockwise")
 
 FULL = dict(
-    squares=[1024, 2048, 4096, 8192], overhead_n=2048,
+    squares=[1024, 2048, 4096, 8192], overhead_n=2048, device_bound_n=8192,
     mlp={"llama3_8b_w1/w3": (8192, 4096, 14336), "llama3_8b_w2": (8192, 14336, 4096)},
     kernel_shape=(8192, 8192), ceiling_n=8192, copy_bytes=1 << 30, parity_shape=(1000, 1040),
     repeats=5, target_ms=40.0, e2e=E2E_SIZES["full"], zerocache=ZEROCACHE_SIZES["full"],
@@ -64,7 +65,7 @@ FULL = dict(
              "zerocache": 60},
 )
 DRY = dict(
-    squares=[64, 128, 192], overhead_n=128,
+    squares=[64, 128, 192], overhead_n=128, device_bound_n=192,
     mlp={"mlp_up": (64, 64, 224), "mlp_down": (64, 224, 64)},
     kernel_shape=(256, 384), ceiling_n=128, copy_bytes=1 << 20, parity_shape=(100, 136),
     repeats=2, target_ms=5.0, e2e=E2E_SIZES["dry"], zerocache=ZEROCACHE_SIZES["dry"],
@@ -274,6 +275,19 @@ class Suite:
             result = guarded(lambda: profile_call(step, self.device), out["errors"], name)
             if result is not None:
                 out["calls"][name] = result
+        del built
+        self.free()
+        # Where the device time goes once the host is no longer the bound (the 8192^3 goal).
+        s = self.sizes["device_bound_n"]
+        built = linear_steps(s, s, s, self.device)
+        bound = out["device_bound"] = {"shape": [s, s, s], "calls": {}}
+        out["errors"].update({f"{s}^3 {k}": v for k, v in built["errors"].items()})
+        for name, step in built["steps"].items():
+            if deadline.left() < 5:
+                raise OutOfTime(f"{s}^3 {name}")
+            result = guarded(lambda: device_trace(step, self.device), out["errors"], f"{s}^3 {name}")
+            if result is not None:
+                bound["calls"][name] = result
 
     def linear(self, out: dict, deadline: Deadline) -> None:
         shapes = {f"{s}^3": (s, s, s) for s in self.sizes["squares"]} | self.sizes["mlp"]
