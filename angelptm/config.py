@@ -351,6 +351,11 @@ def validate(cfg: Config) -> Config:
         d.source not in ("text", "tokens") or d.path is not None,
         f"data.source={d.source} reads a file or folder; set data.path=/path/to/it",
     )
+    _check(
+        d.source in ("text", "tokens") or d.path is None,
+        f"data.path={d.path} is read only by data.source text or tokens, not {d.source}; set data.source "
+        "or drop data.path",
+    )
     _check(d.seed >= 0, f"data.seed={d.seed} must be >= 0")
     t = cfg.train
     _positive(t, "train", "steps", "global_batch", "micro_batch", "seq_len", "log_every")

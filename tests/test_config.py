@@ -208,6 +208,7 @@ def test_wrong_type_names_the_key_and_the_expected_type(override, must_contain):
         (["parallel.tp=0"], ["parallel.tp", "positive"]),
         (["parallel.dp=0"], ["parallel.dp", "auto"]),
         (["data.source=text"], ["data.source=text", "data.path"]),
+        (["data.path=corpus.txt"], ["data.path=corpus.txt", "data.source"]),
     ],
 )
 def test_out_of_range_value_names_the_key(overrides, must_contain):
@@ -282,7 +283,7 @@ def test_save_config_round_trips(tmp_path):
     ])
     # Strings that YAML would read as other types must come back as the same strings.
     cfg.train.sample_prompt = "yes"
-    cfg.data.path = "2024-01-01"
+    cfg.data.source, cfg.data.path = "text", "2024-01-01"
     path = tmp_path / "config.yaml"
     save_config(cfg, path)
     loaded = load_config(path)
