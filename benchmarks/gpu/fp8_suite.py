@@ -32,6 +32,7 @@ over repeats. Results go to OUTDIR/fp8_suite.json after every section.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import platform
@@ -97,7 +98,9 @@ def linear_steps(m: int, k: int, n: int, device: torch.device, recipes=RECIPES, 
     base = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
-    wrap = torch.compile if compiled else (lambda module: module)
+    # Static shapes: each size gets its own graph, as a training run of fixed shapes does (the second
+    # size would otherwise recompile the shared forward with dynamic shapes).
+    wrap = functools.partial(torch.compile, dynamic=False) if compiled else (lambda module: module)
     run_base = wrap(base)
     steps = {"bf16": lambda: torch.autograd.grad(run_base(x.view_as(x)), (x, base.weight), dy)}
     errors = {}
