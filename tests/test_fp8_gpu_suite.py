@@ -29,6 +29,9 @@ def test_gpu_suite_dry_run_covers_every_section(tmp_path):
     # CPU torch has no blockwise scaling: the probe says so and the recipe keeps its kernel.
     assert env["blockwise_triton_TFLOPs"] > 0 and "blockwise_cublas_TFLOPs" not in env
     assert len(env["blockwise_native"]) == 4 and not any(env["blockwise_native"].values())
+    assert set(env["fast_accum_speedup"]) == {"128^3", "mlp_up", "mlp_down"}
+    assert all(r["min"] <= r["median"] <= r["max"] for r in env["fast_accum_speedup"].values())
+    assert "fast accumulation vs promoted" in proc.stdout
     parity = sections["parity"]
     assert parity["backend"] == ("triton" if importlib.util.find_spec("triton") else "torch")
     # every cast on bfloat16 (activations, gradients) and on float32 (master weights) sources

@@ -125,6 +125,9 @@ def summary(results: dict, squares: list, recipes, elapsed_s: float) -> str:
                          + (f"{cublas:.0f} TFLOP/s" if cublas else "not available")
                          + "; cuBLASLt used for: "
                          + (", ".join(k for k, ok in env["blockwise_native"].items() if ok) or "none"))
+        if env.get("fast_accum_speedup"):
+            lines.append("FP8 GEMM, fast accumulation vs promoted (speedup): " + ", ".join(
+                f"{label} {r['median']:.2f}x" for label, r in env["fast_accum_speedup"].items()))
     parity = _parity_line(s.get("parity", {}))
     if parity:
         lines.append(parity)

@@ -3,7 +3,8 @@
 Run through `benchmarks/gpu/run.sh OUTDIR [--dry-run]`. Sections, each under its own time
 budget inside one global deadline (whatever does not fit is recorded as skipped):
 
-  env       torch/triton versions, GPU; ceilings: device copy GB/s, bf16 and FP8 GEMM TFLOP/s
+  env       torch/triton versions, GPU; ceilings: device copy GB/s, bf16 and FP8 GEMM TFLOP/s; the
+            FP8 GEMM with fast accumulation against without, at training shapes
   parity    each Triton kernel against its torch reference on the device (bit for bit, with
             mismatch counts, FP8-ulp distances and examples: see fp8_parity.py), the blockwise
             GEMM against its reference, Float8Linear errors against FP64
@@ -202,6 +203,22 @@ class Suite:
         for name in samples:
             out[f"{name}_TFLOPs"] = 2 * k**3 / median(samples[name]) / 1e9
         out["ceiling_shape"] = k
+        out["fast_accum_speedup"] = self._fast_accum_speedups(deadline)
+
+    def _fast_accum_speedups(self, deadline: Deadline) -> dict:
+        """Whether the forward GEMM's fast accumulation (torchao's choice too) pays on this card: its
+        speedup over FP32-promoted accumulation, per training shape (M, K, N)."""
+        dev, s = self.device, self.sizes["overhead_n"]
+        found = {}
+        for label, (m, k, n) in ({f"{s}^3": (s, s, s)} | self.sizes["mlp"]).items():
+            a = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
+            b = torch.randn(n, k, device=dev).to(torch.float8_e4m3fn)
+            one = torch.ones((), device=dev)
+            gemm = functools.partial(torch._scaled_mm, a, b.t(), one, one, out_dtype=torch.bfloat16)
+            samples = compare({"promoted": gemm, "fast": functools.partial(gemm, use_fast_accum=True)}, dev, deadline,
+                              repeats=3)
+            found[label] = ratio_stats(samples["promoted"], samples["fast"])
+        return found
 
     def _copy_ms(self, nbytes: int, deadline: Deadline) -> list[float]:
         src = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
