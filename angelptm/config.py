@@ -421,6 +421,27 @@ def config_from_dict(raw: Optional[dict], overrides: Optional[list[str]] = None)
     return validate(_build(Config, raw, ""))
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int):
+        super().__init__(f"key {key!r} given twice (line {line})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML would
+    keep the last value silently, so an edit made to the first copy would do nothing."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            # Merged keys (<<: *anchor) may be overridden; that is what merging is for.
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise _DuplicateKey(key_node.value, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Optional[list[str]] = None) -> Config:
     """Read a YAML config (or the embedded defaults when `path` is None) and apply overrides."""
     raw: Any = {}
@@ -428,15 +449,23 @@ def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Optio
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; pass the path of a YAML file")
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            where = getattr(e, "problem_mark", None)
-            line = f" at line {where.line + 1}" if where else ""
-            raise ConfigError(f"config file {p} is not valid YAML{line}; fix the syntax there") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {p} is not text; pass a YAML file") from None
+        raw = read_yaml_file(p, "config file")
     return config_from_dict(raw, overrides)
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """The YAML document in `path`, or a one-line error naming `what` (e.g. "config file"), the
+    file and, where the parser knows it, the line."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{what} {path}: {e}; keep one") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ConfigError(f"{what} {path} is not valid YAML{line}; fix the syntax there") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not text; pass a YAML file") from None
 
 
 def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:

@@ -247,6 +247,20 @@ def test_malformed_yaml_names_the_file_and_the_line(tmp_path):
     assert str(path) in message and "YAML" in message and "line 3" in message
 
 
+def test_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
+    # YAML parsers keep the last copy silently: an edit to the first would change nothing.
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  steps: 5\n  seq_len: 64\n  steps: 6\n")
+    message = config_error(path=path)
+    assert str(path) in message and "'steps' given twice (line 4)" in message
+    path.write_text("model:\n  dim: 64\ntrain:\n  steps: 5\nmodel:\n  n_layers: 2\n")
+    assert "'model' given twice (line 5)" in config_error(path=path)
+    # The same key in two sections, and a merged key overridden, are no repeats.
+    path.write_text("data:\n  seed: 1\ntrain:\n  <<: {seed: 1, steps: 5, seq_len: 64}\n  steps: 6\n")
+    cfg = load_config(path)
+    assert (cfg.data.seed, cfg.train.seed, cfg.train.steps, cfg.train.seq_len) == (1, 1, 6, 64)
+
+
 def test_yaml_that_is_not_a_mapping_is_refused(tmp_path):
     path = tmp_path / "list.yaml"
     path.write_text("- model\n- train\n")

@@ -163,6 +163,8 @@ def test_builtin_profiles_and_custom_yaml(tmp_path):
     ("base: h100\nmatmul_efficiency: 1.5\n", "fraction of peak"),
     ("base: tpu\n", "base=tpu"),
     ("- a\n", "must be a mapping"),
+    ("base: h100\nhbm_gbps: 3000\nhbm_gbps: 3350\n", "'hbm_gbps' given twice \\(line 3\\)"),
+    ("base: h100\nname: [\n", "not valid YAML"),
 ])
 def test_bad_hardware_profiles_name_the_field(tmp_path, text, message):
     path = tmp_path / "hw.yaml"

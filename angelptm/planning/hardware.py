@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-import yaml
-
+from angelptm.config import read_yaml_file
 from angelptm.errors import UserError
 
 
@@ -116,10 +115,7 @@ def load_hardware(path: Union[str, Path]) -> Hardware:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"hardware profile {p} does not exist; pass a100, h100, h200 or a YAML file")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError:
-        raise UserError(f"hardware profile {p} is not valid YAML; fix its syntax") from None
+    raw = read_yaml_file(p, "hardware profile")
     if not isinstance(raw, dict):
         raise UserError(f"hardware profile {p} must be a mapping of fields (name:, memory_gib:, ...)")
     names = {f.name for f in dataclasses.fields(Hardware)}
