@@ -80,10 +80,10 @@ def run() -> dict:
                     amax_ok = "ok" if torch.equal(rec_ours, rec_ref) else "recorded amax differs"
                     out[f"tensorwise delayed {tag}"] = first_failure(*map(same, ours, ref), amax_ok)
 
-                    for dim in (0, 1):
-                        ours, ref = (kernels.cast_tiles(x, fmt, dim=dim, backend=b, **both)
+                    for rows, t in ((True, True), (True, False), (False, True)):
+                        ours, ref = (kernels.cast_tiles(x, fmt, rows=rows, transpose=t, backend=b, **both)
                                      for b in ("triton", "torch"))
-                        out[f"tiles 1x128 dim={dim} {tag}"] = same(ours, ref)
+                        out[f"tiles 1x128 rows={rows} t={t} {tag}"] = first_failure(*map(same, ours, ref))
 
                     for t in (True, False):
                         ours, ref = (kernels.cast_blocks(x, fmt, transpose=t, backend=b, **both)
@@ -107,9 +107,9 @@ def run() -> dict:
 
     # The blockwise GEMM sums each K-slice in FP32 in its own order: equal up to FP32 rounding.
     for m, n, k in ((48, 80, 300), (17, 144, 96), (32, 256, 256)):
-        a = kernels.cast_tiles(awkward_input((m, k), torch.float32, 1), E4M3, dim=1, backend="torch")
+        a = kernels.cast_tiles(awkward_input((m, k), torch.float32, 1), E4M3, backend="torch")[0]
         w = awkward_input((n, k), torch.float32, 2)
-        tiles = kernels.cast_tiles(w, E4M3, dim=1, backend="torch")
+        tiles = kernels.cast_tiles(w, E4M3, backend="torch")[0]
         # The kernel reads scales through their strides: row-major tile scales too.
         for name, b in (("blocks", kernels.cast_blocks(w, E4M3, backend="torch")[0]), ("tiles", tiles),
                         ("row-major tiles", Quantized(tiles.data, tiles.scale_inv.contiguous(), "tile"))):
@@ -117,19 +117,29 @@ def run() -> dict:
             ref = kernels.blockwise_mm(a, b, torch.float32, backend="torch")
             err = ((ours - ref).abs().max() / ref.abs().max()).item()
             out[f"blockwise gemm {m}x{n}x{k} b={name}"] = "ok" if err < 1e-6 else f"max rel diff {err:.2e}"
+    # float32 layers take the kernels' single-copy paths, bfloat16 ones their fused transposes.
     for recipe in ("tensorwise", "delayed", "rowwise", "blockwise"):
-        runs = [float8_linear_steps(recipe, backend) for backend in ("triton", "torch")]
-        same_all = all(torch.equal(a, b) for a, b in zip(*runs))
-        out[f"Float8Linear {recipe}: kernel path == reference path"] = "ok" if same_all else "outputs or grads differ"
+        for dtype in (torch.float32, torch.bfloat16):
+            runs = [float8_linear_steps(recipe, backend, dtype) for backend in ("triton", "torch")]
+            if recipe == "blockwise" and dtype == torch.bfloat16:
+                # The blockwise GEMM kernel's bf16 output: the interpreter truncates where the GPU and
+                # torch round to nearest, and the next FP8 cast can widen that one bf16 ulp to one FP8 ulp.
+                worst = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(*runs))
+                out[f"Float8Linear {recipe} {dtype}: kernel path ~ reference path"] = \
+                    "ok" if worst < 0.05 else f"max rel diff {worst:.2e}"
+                continue
+            same_all = all(torch.equal(a, b) for a, b in zip(*runs))
+            out[f"Float8Linear {recipe} {dtype}: kernel path == reference path"] = \
+                "ok" if same_all else "outputs or grads differ"
     return out
 
 
-def float8_linear_steps(recipe: str, backend: str) -> list:
+def float8_linear_steps(recipe: str, backend: str, dtype: torch.dtype) -> list:
     """Two training steps of one layer (bias, 111 tokens) with every cast on `backend`."""
     os.environ["ANGELPTM_FP8_BACKEND"] = backend
     torch.manual_seed(0)
-    layer = Float8Linear(144, 160, bias=True, recipe=recipe)
-    x = torch.randn(3, 37, 144, requires_grad=True)
+    layer = Float8Linear(144, 160, bias=True, recipe=recipe, dtype=dtype)
+    x = torch.randn(3, 37, 144, dtype=dtype, requires_grad=True)
     results = []
     for _ in range(2):
         y = layer(x)

@@ -35,7 +35,7 @@ def test_gpu_suite_dry_run_covers_every_section(tmp_path):
     parity = sections["parity"]
     assert parity["backend"] == ("triton" if importlib.util.find_spec("triton") else "torch")
     # every cast on bfloat16 (activations, gradients) and on float32 (master weights) sources
-    assert len(parity["kernels_bit_exact"]) == 2 * 7 and all(parity["kernels_bit_exact"].values())
+    assert len(parity["kernels_bit_exact"]) == 2 * 8 and all(parity["kernels_bit_exact"].values())
     assert {name.rsplit(" ", 1)[1] for name in parity["kernels_bit_exact"]} == {"bfloat16", "float32"}
     assert all(r.get("mismatches", 0) == 0 for reports in parity["kernel_diffs"].values() for r in reports)
     assert set(sections["overhead"]["calls"]) == RECIPES | {"bf16"}
@@ -52,7 +52,7 @@ def test_gpu_suite_dry_run_covers_every_section(tmp_path):
     linear = sections["linear"]["shapes"]
     assert len(linear) == 5 and all(set(row["eager"]) == set(row["graphed"]) == RECIPES | {"bf16"}
                                     for row in linear.values())
-    assert len(sections["kernels"]["kernels"]) == 10
+    assert len(sections["kernels"]["kernels"]) == 11
     e2e = sections["e2e"]["recipes"]
     assert set(e2e) == RECIPES
     for recipe, row in e2e.items():

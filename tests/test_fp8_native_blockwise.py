@@ -55,9 +55,9 @@ def fresh_probe(monkeypatch):
 
 def operands(m: int, k: int, n: int, b_kind: str):
     gen = torch.Generator().manual_seed(1)
-    a = kernels.cast_tiles(torch.randn(m, k, generator=gen), E4M3, dim=1)
+    a = kernels.cast_tiles(torch.randn(m, k, generator=gen), E4M3)[0]
     w = torch.randn(n, k, generator=gen)
-    b = kernels.cast_blocks(w, E4M3)[0] if b_kind == "block" else kernels.cast_tiles(w, E4M3, dim=1)
+    b = kernels.cast_blocks(w, E4M3)[0] if b_kind == "block" else kernels.cast_tiles(w, E4M3)[0]
     return a, b
 
 

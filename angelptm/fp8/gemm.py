@@ -97,10 +97,10 @@ def _spread_operands(device: torch.device, b_kind: str) -> tuple[Quantized, Quan
         mags = torch.randint(-12, 13, (rows // block_rows, cols // BLOCK), generator=gen, device=device)
         mags = mags.repeat_interleave(block_rows, 0).repeat_interleave(BLOCK, 1)
         return torch.randn(rows, cols, generator=gen, device=device) * torch.exp2(mags.float())
-    a = cast_tiles(spread(256, 4 * BLOCK, 1), E4M3, dim=1, backend="torch")
+    a = cast_tiles(spread(256, 4 * BLOCK, 1), E4M3, backend="torch")[0]
     if b_kind == "block":
         return a, cast_blocks(spread(384, 4 * BLOCK, BLOCK), E4M3, backend="torch")[0]
-    return a, cast_tiles(spread(384, 4 * BLOCK, 1), E4M3, dim=1, backend="torch")
+    return a, cast_tiles(spread(384, 4 * BLOCK, 1), E4M3, backend="torch")[0]
 
 
 @torch.compiler.assume_constant_result  # a compiled graph asks once, while tracing, and keeps the answer

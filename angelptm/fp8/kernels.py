@@ -1,10 +1,11 @@
 """The FP8 quantization passes, each either a Triton kernel or its torch reference.
 
 `cast_tensorwise` (one scale; current or given), `cast_rowwise` (one scale per row for the
-row-major copy, per column for the transposed copy) each emit both FP8 copies a GEMM operand
-needs from a single read of the tensor; `cast_tiles` (1x128 tiles along either dimension) and
-`cast_blocks` (128x128) serve the blockwise recipe, whose GEMM is `blockwise_mm`. All return
-`Quantized` operands ready for `gemm.scaled_mm`.
+row-major copy, per column for the transposed copy) and `cast_tiles` (1x128 tiles along the rows
+for the row-major copy, along the columns for the transposed one) each emit both FP8 copies a
+GEMM operand needs from a single read of the tensor; `cast_tiles` and `cast_blocks` (128x128)
+serve the blockwise recipe, whose GEMM is `blockwise_mm`. All return `Quantized` operands ready
+for `gemm.scaled_mm`.
 
 On the GPU a cast is at most two launches and never waits for the device: amaxes that must be
 known before the cast (current scaling, per-row and per-column scales) come from one torch
@@ -127,7 +128,7 @@ def cast_tensorwise(x: torch.Tensor, fmt: Fp8Format, *, scale: Optional[torch.Te
         src = scale
     cast = functools.partial(_launch_cast, fmt=fmt, row_src=src, col_src=src, per_vector=False,
                              src_is_scale=scale is not None, power_of_two=power_of_two, amax_floor=amax_floor)
-    if transpose and _transpose_codes(x):
+    if transpose and _no_fused_transpose(x):
         # One scale for the whole tensor: the transposed copy is the transpose of the codes.
         out, _, scale_inv, _ = cast(x, rows=True, transpose=False, record_amax=record_amax)
         out_t, out = out.t().contiguous(), (out if rows else None)
@@ -136,15 +137,16 @@ def cast_tensorwise(x: torch.Tensor, fmt: Fp8Format, *, scale: Optional[torch.Te
     return _quantized(out, scale_inv, "tensor"), _quantized(out_t, scale_inv, "tensor")
 
 
-def _transpose_codes(x: torch.Tensor) -> bool:
-    """Whether the transposed FP8 copy of x must be made by transposing the row-major copy's codes
-    instead of by the cast kernel itself.
+def _no_fused_transpose(x: torch.Tensor) -> bool:
+    """Whether the transposed FP8 copy of x must be made otherwise than by a cast kernel that also
+    writes the row-major copy.
 
     On an H100 (Triton 3.6) the fused cast-and-transpose of the tensorwise and 128x128-block
     kernels wrote wrong FP8 codes for float32 sources at training sizes, while the same kernels'
     row-major copies, and their transposes of bfloat16 sources, were exact. Where one scale covers
     the tensor (or a square block), the transposed copy holds the same codes, so it is a transpose
     of 1-byte codes: a quarter of the bytes of transposing the float32 source, and no second cast.
+    1x128 tiles scale the two copies differently: a float32 source gets two single-copy casts.
     """
     return x.dtype == torch.float32
 
@@ -171,13 +173,24 @@ def _quantized(data: Optional[torch.Tensor], scale_inv: torch.Tensor, kind: str)
     return None if data is None else Quantized(data, scale_inv, kind)
 
 
-def cast_tiles(x: torch.Tensor, fmt: Fp8Format, *, dim: int, power_of_two: bool = False,
-               amax_floor: float = 1e-12, backend: Optional[str] = None) -> Quantized:
-    """One scale per 1x128 tile along `dim`; dim=0 returns the transposed operand. See
-    `scaling.quantize_groups`."""
+def cast_tiles(x: torch.Tensor, fmt: Fp8Format, *, rows: bool = True, transpose: bool = False,
+               power_of_two: bool = False, amax_floor: float = 1e-12, backend: Optional[str] = None
+               ) -> OptionalPair:
+    """The row-major copy with one scale per 1x128 tile of a row (`rows`) and the transposed copy
+    with one per 128x1 tile of a column of x (`transpose`). See `scaling.quantize_groups`."""
+    opts = dict(power_of_two=power_of_two, amax_floor=amax_floor)
     if not use_triton(x, backend):
-        return scaling.quantize_groups(x, fmt, group=BLOCK, dim=dim, power_of_two=power_of_two,
-                                       amax_floor=amax_floor)
+        return (scaling.quantize_groups(x, fmt, group=BLOCK, dim=1, **opts) if rows else None,
+                scaling.quantize_groups(x, fmt, group=BLOCK, dim=0, **opts) if transpose else None)
+    if rows and transpose and not _no_fused_transpose(x):
+        return _cast_tiles_both(x.contiguous(), fmt, **opts)
+    return (_cast_tiles_along(x, fmt, dim=1, **opts) if rows else None,
+            _cast_tiles_along(x, fmt, dim=0, **opts) if transpose else None)
+
+
+def _cast_tiles_along(x: torch.Tensor, fmt: Fp8Format, *, dim: int, power_of_two: bool, amax_floor: float
+                      ) -> Quantized:
+    """One tiled copy: along x's rows (dim=1) or, transposed, along its columns (dim=0)."""
     src = x.t() if dim == 0 else x
     rows, cols = src.shape
     out = torch.empty((rows, cols), dtype=fmt.dtype, device=x.device)
@@ -191,13 +204,27 @@ def cast_tiles(x: torch.Tensor, fmt: Fp8Format, *, dim: int, power_of_two: bool 
     return Quantized(out, scale_inv, "tile")
 
 
+def _cast_tiles_both(x: torch.Tensor, fmt: Fp8Format, *, power_of_two: bool, amax_floor: float) -> OptionalPair:
+    """Both tiled copies of the row-major x from one read of each 128x128 block."""
+    rows, cols = x.shape
+    dev = x.device
+    out = torch.empty((rows, cols), dtype=fmt.dtype, device=dev)
+    out_t = torch.empty((cols, rows), dtype=fmt.dtype, device=dev)
+    scale_inv = torch.empty((cdiv(cols, BLOCK), rows), dtype=torch.float32, device=dev).t()  # column-major
+    scale_inv_t = torch.empty((cdiv(rows, BLOCK), cols), dtype=torch.float32, device=dev).t()
+    _tk().cast_tiles_t_kernel[(cdiv(rows, BLOCK), cdiv(cols, BLOCK))](
+        x, out, out_t, scale_inv, scale_inv_t, rows, cols, x.stride(0), amax_floor,
+        POW2=power_of_two, GROUP=BLOCK, num_warps=8, **_format_args(fmt))
+    return Quantized(out, scale_inv, "tile"), Quantized(out_t, scale_inv_t, "tile")
+
+
 def cast_blocks(x: torch.Tensor, fmt: Fp8Format, *, transpose: bool = False, power_of_two: bool = False,
                 amax_floor: float = 1e-12, backend: Optional[str] = None) -> OptionalPair:
     """One scale per 128x128 block, with the transposed copy on request. See `scaling.quantize_blocks`."""
     if not use_triton(x, backend):
         return scaling.quantize_blocks(x, fmt, transpose=transpose, power_of_two=power_of_two,
                                        amax_floor=amax_floor)
-    if transpose and _transpose_codes(x):
+    if transpose and _no_fused_transpose(x):
         # 128x128 blocks of x^T are the transposes of x's blocks: same scales, transposed codes.
         q = cast_blocks(x, fmt, power_of_two=power_of_two, amax_floor=amax_floor, backend=backend)[0]
         return q, q.t()

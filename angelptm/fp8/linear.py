@@ -144,8 +144,7 @@ class Float8Linear(nn.Linear):
         if isinstance(recipe, BlockwiseRecipe):
             if role == "weight":
                 return kernels.cast_blocks(x, fmt, transpose=need_t, **opts)
-            return (kernels.cast_tiles(x, fmt, dim=1, **opts) if need_rows else None,
-                    kernels.cast_tiles(x, fmt, dim=0, **opts) if need_t else None)
+            return kernels.cast_tiles(x, fmt, rows=need_rows, transpose=need_t, **opts)
         if isinstance(recipe, DelayedRecipe):
             state: DelayedScale = getattr(self, f"{role}_scale")
             return kernels.cast_tensorwise(x, fmt, scale=state.scale if state.ready else None, rows=need_rows,

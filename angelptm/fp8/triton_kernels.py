@@ -1,5 +1,6 @@
 """Triton kernels for the FP8 hot passes: scale + cast (+ transpose) with per-tensor, per-row or
-per-column scales, 1x128 tile casts, 128x128 block casts, and the blockwise GEMM.
+per-column scales, 1x128 tile casts (one copy, or both copies from one read), 128x128 block
+casts, and the blockwise GEMM.
 
 Launched through `kernels.py`, which also holds the torch references they are tested against.
 Bit-exactness with torch's round-to-nearest-even cast holds by construction on every backend:
@@ -59,6 +60,19 @@ def _reciprocal(scale):
 
 
 @triton.jit
+def _load_tile(x_ptr, row0, col0, R, C, stride_r, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The BLOCK_R x BLOCK_C tile at (row0, col0) of the row-major (R, C) x in float32, zeros past
+    its edges, with the tile's row and column indices and their masks."""
+    rows = row0 + tl.arange(0, BLOCK_R)
+    cols = col0 + tl.arange(0, BLOCK_C)
+    row_mask = rows < R
+    col_mask = cols < C
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x, rows, cols, row_mask, col_mask, mask
+
+
+@triton.jit
 def cast_kernel(x_ptr, out_ptr, out_t_ptr, row_src_ptr, col_src_ptr, row_scale_inv_ptr, col_scale_inv_ptr,
                 record_ptr, R, C, stride_r, amax_floor,
                 FMAX: tl.constexpr, MANT: tl.constexpr, MIN_EXP: tl.constexpr, POW2: tl.constexpr,
@@ -75,12 +89,8 @@ def cast_kernel(x_ptr, out_ptr, out_t_ptr, row_src_ptr, col_src_ptr, row_scale_i
     """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_mask = rows < R
-    col_mask = cols < C
-    mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x, rows, cols, row_mask, col_mask, mask = _load_tile(x_ptr, pid_r * BLOCK_R, pid_c * BLOCK_C, R, C, stride_r,
+                                                         BLOCK_R, BLOCK_C)
     if PER_VECTOR:
         if WRITE_ROWS:
             row_amax = tl.load(row_src_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -134,14 +144,26 @@ def cast_tiles_kernel(x_ptr, out_ptr, scale_inv_ptr, R, C, stride_r, stride_c, a
 
 
 @triton.jit
-def _block_piece(x_ptr, pid_r, pid_c, i, j, R, C, stride_r, BLOCK: tl.constexpr, SUB: tl.constexpr):
-    """Piece (i, j), SUB x SUB, of block (pid_r, pid_c) of x in float32 (zeros past the edges),
-    with its row and column indices and mask."""
-    rows = pid_r * BLOCK + i * SUB + tl.arange(0, SUB)
-    cols = pid_c * BLOCK + j * SUB + tl.arange(0, SUB)
-    mask = (rows[:, None] < R) & (cols[None, :] < C)
-    x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    return x, rows, cols, mask
+def cast_tiles_t_kernel(x_ptr, out_ptr, out_t_ptr, scale_inv_ptr, scale_inv_t_ptr, R, C, stride_r, amax_floor,
+                        FMAX: tl.constexpr, MANT: tl.constexpr, MIN_EXP: tl.constexpr, POW2: tl.constexpr,
+                        GROUP: tl.constexpr):
+    """Both 1x128-tiled copies of the row-major (R, C) tensor from one read: the row-major copy
+    with a scale per GROUP elements of a row, and the (C, R) transposed copy with a scale per GROUP
+    elements of a column. A program holds one GROUP x GROUP block, whose row tiles and column
+    tiles are whole in it; scales land column-major, (R, C/GROUP) and (C, R/GROUP)."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    x, rows, cols, row_mask, col_mask, mask = _load_tile(x_ptr, pid_r * GROUP, pid_c * GROUP, R, C, stride_r,
+                                                         GROUP, GROUP)
+    magnitude = tl.abs(x)
+    row_scale = _scale_from_amax(tl.max(magnitude, axis=1), amax_floor, FMAX, POW2)
+    q = _quantize(x, row_scale[:, None], FMAX, MANT, MIN_EXP)
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_inv_ptr + pid_c * R + rows, _reciprocal(row_scale), mask=row_mask)
+    col_scale = _scale_from_amax(tl.max(magnitude, axis=0), amax_floor, FMAX, POW2)
+    q_t = _quantize(x, col_scale[None, :], FMAX, MANT, MIN_EXP)
+    tl.store(out_t_ptr + cols[None, :] * R + rows[:, None], q_t.to(out_t_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_inv_t_ptr + pid_r * C + cols, _reciprocal(col_scale), mask=col_mask)
 
 
 @triton.jit
@@ -159,12 +181,14 @@ def cast_blocks_kernel(x_ptr, out_ptr, out_t_ptr, scale_inv_ptr, R, C, stride_r,
     amax = 0.0
     for i in tl.static_range(BLOCK // SUB):
         for j in tl.static_range(BLOCK // SUB):
-            x, rows, cols, mask = _block_piece(x_ptr, pid_r, pid_c, i, j, R, C, stride_r, BLOCK, SUB)
+            x, rows, cols, _, _, mask = _load_tile(x_ptr, pid_r * BLOCK + i * SUB, pid_c * BLOCK + j * SUB, R, C,
+                                                   stride_r, SUB, SUB)
             amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
     scale = _scale_from_amax(amax, amax_floor, FMAX, POW2)
     for i in tl.static_range(BLOCK // SUB):
         for j in tl.static_range(BLOCK // SUB):
-            x, rows, cols, mask = _block_piece(x_ptr, pid_r, pid_c, i, j, R, C, stride_r, BLOCK, SUB)
+            x, rows, cols, _, _, mask = _load_tile(x_ptr, pid_r * BLOCK + i * SUB, pid_c * BLOCK + j * SUB, R, C,
+                                                   stride_r, SUB, SUB)
             q = _quantize(x, scale, FMAX, MANT, MIN_EXP).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + rows[:, None] * C + cols[None, :], q, mask=mask)
             if WRITE_T:

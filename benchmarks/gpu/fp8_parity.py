@@ -50,8 +50,10 @@ def checks(x: torch.Tensor) -> dict[str, Callable[[Optional[str]], tuple]]:
                                                                            backend=be), (x, xt), None),
         "cast_tensorwise+T delayed": delayed,
         "cast_rowwise rows+T": lambda be: (kernels.cast_rowwise(x, E4M3, transpose=True, backend=be), (x, xt), None),
-        "cast_tiles 1x128 dim1": lambda be: ((kernels.cast_tiles(x, E4M3, dim=1, backend=be),), (x,), None),
-        "cast_tiles 1x128 dim0": lambda be: ((kernels.cast_tiles(x, E4M3, dim=0, backend=be),), (xt,), None),
+        "cast_tiles 1x128 rows": lambda be: (kernels.cast_tiles(x, E4M3, backend=be)[:1], (x,), None),
+        "cast_tiles 1x128 T": lambda be: (kernels.cast_tiles(x, E4M3, rows=False, transpose=True, backend=be)[1:],
+                                          (xt,), None),
+        "cast_tiles 1x128 rows+T": lambda be: (kernels.cast_tiles(x, E4M3, transpose=True, backend=be), (x, xt), None),
         "cast_blocks+T 128x128": lambda be: (kernels.cast_blocks(x, E4M3, transpose=True, backend=be), (x, xt), None),
     }
 

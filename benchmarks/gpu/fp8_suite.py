@@ -185,7 +185,7 @@ class Suite:
         b = torch.randn(k, k, device=dev, dtype=torch.bfloat16)
         a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
         one = torch.ones((), device=dev)
-        qa, qb = kernels.cast_tiles(a, E4M3, dim=1), kernels.cast_blocks(b, E4M3)[0]
+        qa, qb = kernels.cast_tiles(a, E4M3)[0], kernels.cast_blocks(b, E4M3)[0]
         candidates = {
             "bf16": lambda: a @ b,
             "fp8": lambda: torch._scaled_mm(a8, b8.t(), one, one, out_dtype=torch.bfloat16),
@@ -241,7 +241,7 @@ class Suite:
             out["kernel_diffs"].update({f"{name} {tag}": d for name, d in diffs.items()})
 
         gen = torch.Generator(device=dev).manual_seed(0)
-        a = kernels.cast_tiles(awkward_input(rows, cols, dev), E4M3, dim=1, backend="torch")
+        a = kernels.cast_tiles(awkward_input(rows, cols, dev), E4M3, backend="torch")[0]
         w = torch.randn(rows // 2, cols, device=dev, generator=gen)
         gemm_diff = out["blockwise_gemm_max_rel_diff"] = {}
         out["blockwise_gemm_note"] = ("FP32 sums in another order, and on Hopper the tensor cores' own FP8 "
@@ -251,13 +251,13 @@ class Suite:
             ref = kernels.blockwise_mm_reference(a, b, torch.float32)
             return ((gemm(a, b, torch.float32) - ref).abs().max() / ref.abs().max()).item()
         for name, b in (("128x128 weight", kernels.cast_blocks(w, E4M3, backend="torch")[0]),
-                        ("1x128 operand", kernels.cast_tiles(w, E4M3, dim=1, backend="torch"))):
+                        ("1x128 operand", kernels.cast_tiles(w, E4M3, backend="torch")[0])):
             gemm_diff[name] = guarded(lambda: max_rel_diff(a, b, scaled_mm), errors, f"blockwise gemm {name}")
         # cuBLASLt's blockwise GEMM, where the probe admits it, on operands in whole 128-blocks.
-        a = kernels.cast_tiles(torch.randn(512, 1024, device=dev, generator=gen), E4M3, dim=1, backend="torch")
+        a = kernels.cast_tiles(torch.randn(512, 1024, device=dev, generator=gen), E4M3, backend="torch")[0]
         w = torch.randn(384, 1024, device=dev, generator=gen)
         for name, kind, b in (("128x128 weight", "block", kernels.cast_blocks(w, E4M3, backend="torch")[0]),
-                              ("1x128 operand", "tile", kernels.cast_tiles(w, E4M3, dim=1, backend="torch"))):
+                              ("1x128 operand", "tile", kernels.cast_tiles(w, E4M3, backend="torch")[0])):
             if native_blockwise(dev, kind, torch.float32):
                 gemm_diff[f"cuBLASLt {name}"] = guarded(lambda: max_rel_diff(a, b, blockwise_scaled_mm), errors,
                                                         f"cuBLASLt blockwise gemm {name}")
@@ -368,8 +368,9 @@ class Suite:
                                                                            record_amax=record), 4 * n),
             "cast_tensorwise rows (delayed)": (lambda: kernels.cast_tensorwise(x, E4M3, scale=scale), 3 * n),
             "cast_rowwise rows+T": (lambda: kernels.cast_rowwise(x, E4M3, transpose=True), 8 * n),
-            "cast_tiles 1x128 dim1": (lambda: kernels.cast_tiles(x, E4M3, dim=1), 3 * n),
-            "cast_tiles 1x128 dim0": (lambda: kernels.cast_tiles(x, E4M3, dim=0), 3 * n),
+            "cast_tiles 1x128 rows": (lambda: kernels.cast_tiles(x, E4M3), 3 * n),
+            "cast_tiles 1x128 T": (lambda: kernels.cast_tiles(x, E4M3, rows=False, transpose=True), 3 * n),
+            "cast_tiles 1x128 rows+T": (lambda: kernels.cast_tiles(x, E4M3, transpose=True), 4 * n),
             "cast_blocks+T 128x128": (lambda: kernels.cast_blocks(x, E4M3, transpose=True), 4 * n),
             "cast_tensorwise+T (current, fp32)": (lambda: kernels.cast_tensorwise(x32, E4M3, transpose=True), 11 * n),
             "cast_blocks+T 128x128 (fp32)": (lambda: kernels.cast_blocks(x32, E4M3, transpose=True), 7 * n),
