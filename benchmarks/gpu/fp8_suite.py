@@ -286,28 +286,28 @@ class Suite:
 
     def overhead(self, out: dict, deadline: Deadline) -> None:
         s = self.sizes["overhead_n"]
-        built = linear_steps(s, s, s, self.device)
-        out.update(shape=[s, s, s], calls={}, errors=built["errors"])
+        out.update(shape=[s, s, s], errors={})
         out["host_costs_us"] = guarded(lambda: host_costs(self.device), out["errors"], "host costs")
-        for name, step in built["steps"].items():
-            if deadline.left() < 5:
-                raise OutOfTime(name)
-            result = guarded(lambda: profile_call(step, self.device), out["errors"], name)
-            if result is not None:
-                out["calls"][name] = result
-        del built
+        out["calls"] = self._each_layer(s, profile_call, deadline, out["errors"], "")
         self.free()
         # Where the device time goes once the host is no longer the bound (the 8192^3 goal).
         s = self.sizes["device_bound_n"]
+        out["device_bound"] = {"shape": [s, s, s],
+                               "calls": self._each_layer(s, device_trace, deadline, out["errors"], f"{s}^3 ")}
+
+    def _each_layer(self, s: int, measure, deadline: Deadline, errors: dict, prefix: str) -> dict:
+        """name -> measure(step, device) for one fwd+bwd of bf16 and of each recipe at s^3; failures
+        go to `errors` under `prefix` + name."""
         built = linear_steps(s, s, s, self.device)
-        bound = out["device_bound"] = {"shape": [s, s, s], "calls": {}}
-        out["errors"].update({f"{s}^3 {k}": v for k, v in built["errors"].items()})
+        errors.update({prefix + name: why for name, why in built["errors"].items()})
+        found = {}
         for name, step in built["steps"].items():
             if deadline.left() < 5:
-                raise OutOfTime(f"{s}^3 {name}")
-            result = guarded(lambda: device_trace(step, self.device), out["errors"], f"{s}^3 {name}")
+                raise OutOfTime(prefix + name)
+            result = guarded(lambda: measure(step, self.device), errors, prefix + name)
             if result is not None:
-                bound["calls"][name] = result
+                found[name] = result
+        return found
 
     def linear(self, out: dict, deadline: Deadline) -> None:
         shapes = {f"{s}^3": (s, s, s) for s in self.sizes["squares"]} | self.sizes["mlp"]
