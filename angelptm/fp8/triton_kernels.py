@@ -200,7 +200,11 @@ def _gemm_configs() -> list:
     """Tile configurations the blockwise GEMM picks from per (M, N, K), timed on first use.
 
     Every configuration keeps BLOCK_N = BLOCK_K = 128, the scale block, so a weight's scale is one
-    number per K-slice. The interpreter cannot time anything: it gets the first configuration.
+    number per K-slice. Compiled for Hopper, a program waits for each slice's tensor-core product
+    before it scales it (the sm_90 code has `wgmma.wait_group 0` inside the loop), so within one
+    program the FP32 promotion does not overlap the next slice's MMAs; the 64-row configuration
+    keeps two programs per SM, where one's promotion can run under the other's MMAs. The
+    interpreter cannot time anything: it gets the first configuration.
     """
     configs = [triton.Config({"BLOCK_M": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
                triton.Config({"BLOCK_M": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
