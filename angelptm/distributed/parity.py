@@ -56,6 +56,7 @@ STANDARD_LAYOUTS: dict[int, list[dict]] = {
 @dataclass
 class LayoutRun:
     losses: list[float]  # the loss of every step, as logged by rank 0
+    grad_norms: list[float]  # the gradient norm of every step, before clipping, as logged by rank 0
     last_losses: list[float]  # the last step's loss as each rank reported it
     weights: dict[str, torch.Tensor]  # full final weights, read from the run's last checkpoint
     comm_bytes: dict[str, int]  # bytes rank 0 sent in the last step, per mesh dimension
@@ -87,12 +88,13 @@ def run_layouts(layouts: list[dict], world_size: int, job: Optional[dict] = None
         runs = []
         for i in range(len(layouts)):
             lines = (Path(out) / str(i) / "metrics.jsonl").read_text().splitlines()
-            losses = [json.loads(line)["loss"] for line in lines]
+            records = [json.loads(line) for line in lines]
             results = [rank_results[i] for rank_results in per_rank]
             # Reading the final checkpoint into one plain model also checks that it reshards.
             _, model = load_model(Path(out) / str(i))
             weights = {name: p.detach() for name, p in model.named_parameters()}
-            runs.append(LayoutRun(losses, [loss for loss, _ in results], weights, results[0][1]))
+            runs.append(LayoutRun([r["loss"] for r in records], [r["grad_norm"] for r in records],
+                                  [loss for loss, _ in results], weights, results[0][1]))
     return runs
 
 

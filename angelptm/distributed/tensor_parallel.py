@@ -282,12 +282,40 @@ def reduce_partial_gradients(model: nn.Module, group: Group) -> None:
                      if name in specs and specs[name].partial_grad and p.grad is not None], group)
 
 
+# Squared norms are summed from fp32 norms of chunks of this many elements. A ZeROCache shard is a
+# whole number of them (pages.SHARD_ALIGN_NUMEL), so a page and its shards sum the same chunks.
+NORM_CHUNK_NUMEL = 1024
+
+
+def squared_l2_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of the squares of every element of `tensors`, as a float64 scalar.
+
+    One fp32 reduction over millions of elements drifts from the true sum by ~1e-5 relative on a CPU,
+    and by a different amount for a whole page than for its shards, so the same gradients would
+    get layout-dependent norms. Chunk norms in fp32 (short sums, accurate), squared and summed in
+    float64, give the norm to float32 rounding in every layout.
+    """
+    parts = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        whole = flat.numel() // NORM_CHUNK_NUMEL * NORM_CHUNK_NUMEL
+        if whole:
+            chunks = flat[:whole].view(-1, NORM_CHUNK_NUMEL)
+            parts.append(torch.linalg.vector_norm(chunks, dim=1, dtype=torch.float32))
+        if whole < flat.numel():
+            parts.append(torch.linalg.vector_norm(flat[whole:], dtype=torch.float32)[None])
+    if not parts:
+        device = tensors[0].device if tensors else None
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.cat(parts).double().square().sum()
+
+
 def local_grad_norm_squared(model: nn.Module, tp: int) -> torch.Tensor:
-    """This rank's share of the squared global gradient norm: a slice held by c ranks counts 1/c."""
-    total = torch.zeros((), device=next(model.parameters()).device)
+    """This rank's share of the squared global gradient norm (float64): a slice held by c ranks counts 1/c."""
+    total = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
     for name, p in model.named_parameters():
         if p.grad is not None:
-            total += p.grad.detach().float().pow(2).sum() / spec_of(model, name, p, tp).copies
+            total += squared_l2_norm([p.grad]) / spec_of(model, name, p, tp).copies
     return total
 
 

@@ -287,7 +287,7 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
             dist.all_reduce(squares, group=self.group)
         for group in self._norm_groups:
             dist.all_reduce(squares, group=group)
-        total = squares.sqrt() / self._mean_divisor
+        total = (squares.sqrt() / self._mean_divisor).float()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         self._grad_scale = self._mean_divisor / coef
         return total

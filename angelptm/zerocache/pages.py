@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-# Every shard of fp32 state is a whole number of 4 KiB blocks (O_DIRECT's alignment).
+# Every shard of fp32 state is a whole number of 4 KiB blocks (O_DIRECT's alignment), and of the
+# chunks that gradient norms sum (tensor_parallel.NORM_CHUNK_NUMEL), so shards and pages sum the same ones.
 SHARD_ALIGN_NUMEL = 1024
 # Parameters start on 64-byte boundaries inside a page, so views stay vector-aligned.
 PARAM_ALIGN_BYTES = 64

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from angelptm.distributed.collectives import Group
-from angelptm.distributed.tensor_parallel import ShardSpec, sum_over_copies
+from angelptm.distributed.tensor_parallel import ShardSpec, squared_l2_norm, sum_over_copies
 from angelptm.zerocache.buffers import PageBuffers
 
 
@@ -64,12 +64,9 @@ class TensorParallelPages:
         sum_over_copies([(segment.spec, segment.grad()) for segment in self.partial], self.tp)
 
     def grad_norm_squared(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """This rank's share of the squared global norm of `grads` (each page's own-range gradient):
-        all of it, less the part of each slice held by c tp ranks that the other c - 1 count."""
-        squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
-        if self.replicated:
-            norms = torch._foreach_norm([segment.grad() for segment in self.replicated], 2, dtype=torch.float32)
-            overcount = torch.tensor([1 - 1 / segment.spec.copies for segment in self.replicated],
-                                     device=squares.device)
-            squares = squares - (torch.stack(norms).square() * overcount).sum()
+        """This rank's share of the squared global norm of `grads` (each page's own-range gradient),
+        in float64: all of it, less the part of each slice held by c tp ranks that the other c - 1 count."""
+        squares = squared_l2_norm(grads)
+        for segment in self.replicated:
+            squares = squares - squared_l2_norm([segment.grad()]) * (1 - 1 / segment.spec.copies)
         return squares
