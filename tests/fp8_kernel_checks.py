@@ -120,8 +120,12 @@ def run() -> dict:
     # float32 layers take the kernels' single-copy paths, bfloat16 ones their fused transposes.
     for recipe in ("tensorwise", "delayed", "rowwise", "blockwise"):
         for dtype in (torch.float32, torch.bfloat16):
+            if recipe == "blockwise" and dtype == torch.float32:
+                out["Float8Linear blockwise float32: kernel path within FP32 summation-order bound"] = \
+                    blockwise_layer_within_bound()
+                continue
             runs = [float8_linear_steps(recipe, backend, dtype) for backend in ("triton", "torch")]
-            if recipe == "blockwise" and dtype == torch.bfloat16:
+            if recipe == "blockwise":
                 # The blockwise GEMM kernel's bf16 output: the interpreter truncates where the GPU and
                 # torch round to nearest, and the next FP8 cast can widen that one bf16 ulp to one FP8 ulp.
                 worst = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(*runs))
@@ -134,16 +138,17 @@ def run() -> dict:
     return out
 
 
-def float8_linear_steps(recipe: str, backend: str, dtype: torch.dtype) -> list:
-    """Two training steps of one layer (bias, 111 tokens) with every cast on `backend`."""
+def float8_linear_steps(recipe: str, backend: str, dtype: torch.dtype, upstream=None) -> list:
+    """Two training steps of one layer (bias, 111 tokens) with every cast on `backend`; the loss is
+    sum(y^2), or sum(y * upstream) when an upstream gradient is given."""
     os.environ["ANGELPTM_FP8_BACKEND"] = backend
     torch.manual_seed(0)
-    layer = Float8Linear(144, 160, bias=True, recipe=recipe, dtype=dtype)
-    x = torch.randn(3, 37, 144, dtype=dtype, requires_grad=True)
+    layer = Float8Linear(IN_FEATURES, OUT_FEATURES, bias=True, recipe=recipe, dtype=dtype)
+    x = torch.randn(3, 37, IN_FEATURES, dtype=dtype, requires_grad=True)
     results = []
     for _ in range(2):
         y = layer(x)
-        y.square().sum().backward()
+        (y.square() if upstream is None else y * upstream).sum().backward()
         update_float8_scales(layer)
         results += [y.detach(), x.grad, layer.weight.grad, layer.bias.grad]
         x.grad = layer.weight.grad = layer.bias.grad = None
@@ -151,6 +156,54 @@ def float8_linear_steps(recipe: str, backend: str, dtype: torch.dtype) -> list:
             layer.weight.add_(0.01)
     os.environ.pop("ANGELPTM_FP8_BACKEND")
     return results
+
+
+IN_FEATURES, OUT_FEATURES = 144, 160
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+E4M3_MAX_REL_ROUNDING = 2.0 ** -4  # round to nearest with 3 mantissa bits
+
+
+def blockwise_layer_within_bound() -> str:
+    """The blockwise layer's kernel path against its reference path, in float32.
+
+    Both paths cast the same tensors with the same math (the casts are held bit for bit above), and
+    a fixed upstream gradient keeps dy, and so its casts, the same on both. What is left to differ
+    is the order in which each GEMM sums its FP32 terms: products of FP8 values are exact in FP32,
+    and any order of summing n terms lies within gamma_n * sum|terms| of the exact sum (Higham,
+    Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. 3.5), gamma_n = n*u / (1 - n*u),
+    so two orders differ by at most 2 * gamma_n * sum|terms|. n counts the K additions plus, per
+    128-long K-slice, the scaling multiply and the add into the accumulator, plus the bias add and
+    the output rounding. Cauchy-Schwarz bounds sum|a_i*b_i| by |a|*|b|, and an E4M3 value is within
+    2^-4 of its source (no input here is small enough to reach E4M3's subnormals after scaling),
+    so sum|terms| <= (1 + 2^-4)^2 * |row of a| * |row of b| in the sources' own norms.
+    """
+    gen = torch.Generator().manual_seed(7)
+    upstream = torch.randn(3, 37, OUT_FEATURES, generator=gen)
+    runs = [float8_linear_steps("blockwise", backend, torch.float32, upstream) for backend in ("triton", "torch")]
+    torch.manual_seed(0)  # the layer's weights and input, as float8_linear_steps makes them
+    w0 = Float8Linear(IN_FEATURES, OUT_FEATURES, bias=True, recipe="blockwise").weight.detach()
+    x = torch.randn(3, 37, IN_FEATURES).reshape(-1, IN_FEATURES).double()
+    dy = upstream.reshape(-1, OUT_FEATURES).double()
+    for step in range(2):
+        w = (w0 + 0.01 * step).double()
+        y_ours, dx_ours, dw_ours, db_ours = runs[0][4 * step:4 * step + 4]
+        y_ref, dx_ref, dw_ref, db_ref = runs[1][4 * step:4 * step + 4]
+        checks = {  # name: (ours, reference, rows of a, rows of b, reduction length)
+            "y": (y_ours.reshape(-1, OUT_FEATURES), y_ref.reshape(-1, OUT_FEATURES), x, w, IN_FEATURES),
+            "x.grad": (dx_ours.reshape(-1, IN_FEATURES), dx_ref.reshape(-1, IN_FEATURES), dy, w.t(), OUT_FEATURES),
+            "weight.grad": (dw_ours, dw_ref, dy.t(), x.t(), x.shape[0]),
+        }
+        for name, (ours, ref, a, b, k) in checks.items():
+            n = k + 2 * (-(-k // 128)) + 2
+            gamma = n * FP32_UNIT_ROUNDOFF / (1 - n * FP32_UNIT_ROUNDOFF)
+            magnitude = (1 + E4M3_MAX_REL_ROUNDING) ** 2 * a.norm(dim=1)[:, None] * b.norm(dim=1)[None, :]
+            bound = 2 * gamma * magnitude + 2 * FP32_UNIT_ROUNDOFF * ref.double().abs()
+            excess = ((ours.double() - ref.double()).abs() - bound).max().item()
+            if excess > 0:
+                return f"step {step + 1} {name}: exceeds the summation-order bound by {excess:.2e}"
+        if not torch.equal(db_ours, db_ref):  # the bias gradient is one torch sum on both paths
+            return f"step {step + 1} bias.grad differs"
+    return "ok"
 
 
 if __name__ == "__main__":

@@ -209,6 +209,20 @@ def test_synthetic_data_is_deterministic_and_learnable():
     assert conditional_entropy < 1.2
 
 
+@pytest.mark.parametrize("vocab_size", [1, 2, 16, 200])
+def test_synthetic_data_draws_from_a_small_vocabulary(vocab_size):
+    """A model with fewer ids than the byte tokenizer gets synthetic ids in [0, vocab_size), the same
+    words over fewer symbols; the byte vocabulary and larger keep byte text."""
+    dataset = build_dataset(DataConfig(source="synthetic", seed=3), seq_len=8, vocab_size=vocab_size)
+    tokens = dataset.tokens.astype(np.int64)
+    assert dataset.vocab_size == vocab_size and 0 <= tokens.min() and tokens.max() < vocab_size
+    assert len(np.unique(tokens)) == min(vocab_size, 27)
+    words = synthetic_dataset(3).tokens
+    np.testing.assert_array_equal(tokens == 0, (words == ord(" ")) if vocab_size > 1 else True)
+    large = build_dataset(DataConfig(source="synthetic", seed=3), seq_len=8, vocab_size=32_000)
+    assert large.tokenizer == "byte" and large.checksum == synthetic_dataset(3).checksum
+
+
 @pytest.mark.parametrize("source", ["text", "tokens"])
 def test_missing_path_names_the_field(tmp_path, source):
     missing = tmp_path / "nowhere"
@@ -219,7 +233,7 @@ def test_missing_path_names_the_field(tmp_path, source):
 
 def test_vocabulary_and_sequence_length_are_checked(tmp_path, cache):
     with pytest.raises(UserError) as excinfo:
-        build_dataset(DataConfig(source="synthetic"), seq_len=8, vocab_size=200)
+        build_dataset(DataConfig(source="stdlib"), seq_len=8, vocab_size=200)
     assert "model.vocab_size=200" in one_line_error(excinfo) and "model.vocab_size=259" in str(excinfo.value)
     (tmp_path / "tiny.txt").write_text("short")
     with pytest.raises(UserError) as excinfo:

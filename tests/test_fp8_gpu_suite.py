@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import os
 import subprocess
+import sys
+import venv
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ RECIPES = {"tensorwise", "delayed", "rowwise", "blockwise"}
 
 def test_gpu_suite_dry_run_covers_every_section(tmp_path):
     proc = subprocess.run([str(ROOT / "benchmarks/gpu/run.sh"), str(tmp_path), "--dry-run"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "fp8_suite.json").read_text())
     sections = results["sections"]
@@ -85,3 +88,13 @@ def test_gpu_suite_dry_run_covers_every_section(tmp_path):
 def test_gpu_suite_refuses_to_run_without_an_outdir():
     proc = subprocess.run([str(ROOT / "benchmarks/gpu/run.sh")], capture_output=True, text=True)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_gpu_suite_refuses_an_interpreter_without_torch_in_one_line(tmp_path):
+    venv.create(tmp_path / "bare", with_pip=False)  # a Python with nothing installed, as a fresh machine's
+    bare = tmp_path / "bare" / "bin" / "python"
+    proc = subprocess.run([str(ROOT / "benchmarks/gpu/run.sh"), str(tmp_path / "out"), "--dry-run"],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHON=str(bare)))
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "lacks torch" in proc.stderr
+    assert not (tmp_path / "out" / "fp8_suite.json").exists()

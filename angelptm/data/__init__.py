@@ -23,7 +23,7 @@ def build_dataset(data_cfg: DataConfig, seq_len: int, vocab_size: int) -> TokenD
     elif data_cfg.source == "tokens":
         dataset = tokens_dataset(data_cfg.path)
     else:
-        dataset = synthetic_dataset(data_cfg.seed)
+        dataset = synthetic_dataset(data_cfg.seed, vocab_size=vocab_size)
     if dataset.vocab_size > vocab_size:
         raise UserError(
             f"model.vocab_size={vocab_size} is smaller than the {dataset.tokenizer} tokenizer's "

@@ -83,11 +83,15 @@ def tokens_dataset(path: str) -> TokenFile:
     return TokenFile(prefix)
 
 
-def synthetic_dataset(seed: int, num_tokens: int = SYNTHETIC_TOKENS) -> TokenDataset:
-    """Text-like bytes for tests: 64 random lowercase words, each followed by a space, in random order.
+def synthetic_dataset(seed: int, num_tokens: int = SYNTHETIC_TOKENS,
+                      vocab_size: int = ByteTokenizer.vocab_size) -> TokenDataset:
+    """Text-like ids for tests: 64 random words of 2-7 letters, each followed by a space, in random order.
 
     Deterministic from the seed and learnable: once a word has begun its remaining letters follow,
-    so the loss can fall from ln(259) ~ 5.6 towards ~0.7 nats per token (choosing the next word).
+    so the loss can fall from ln(vocab_size) towards ~0.7 nats per token (choosing the next word).
+    With the byte tokenizer's vocabulary or more the ids are lowercase ASCII bytes (decodable text);
+    a smaller vocabulary gets the same words over its own ids, the space as id 0 and the letters as
+    ids 1 .. min(26, vocab_size - 1), so every id lies in [0, vocab_size).
     """
     rng = np.random.default_rng(seed)
     word_lens = rng.integers(3, 9, size=64)  # letters + the trailing space
@@ -100,4 +104,9 @@ def synthetic_dataset(seed: int, num_tokens: int = SYNTHETIC_TOKENS) -> TokenDat
     within = np.arange(ends[-1]) - np.repeat(ends - lens, lens)
     tokens = table[np.repeat(word_starts[words], lens) + within][:num_tokens]
     tokenizer = ByteTokenizer()
-    return TokenDataset(tokens, tokenizer.vocab_size, tokenizer.name, checksum(tokens), f"synthetic(seed={seed})")
+    if vocab_size >= tokenizer.vocab_size:
+        return TokenDataset(tokens, tokenizer.vocab_size, tokenizer.name, checksum(tokens), f"synthetic(seed={seed})")
+    letters = 1 + (tokens - ord("a")) % max(vocab_size - 1, 1)
+    ids = (np.where(tokens == ord(" "), 0, letters) % vocab_size).astype(np.uint16)  # % for a vocabulary of 1
+    return TokenDataset(ids, vocab_size, f"synthetic{vocab_size}", checksum(ids),
+                        f"synthetic(seed={seed}, vocab_size={vocab_size})")

@@ -10,6 +10,10 @@
 #
 #   benchmarks/gpu/run.sh OUTDIR            # on a machine with a CUDA GPU
 #   benchmarks/gpu/run.sh OUTDIR --dry-run  # the whole path on CPU with tiny shapes
+#   PYTHON=/path/to/python benchmarks/gpu/run.sh OUTDIR   # another interpreter than the default
+#
+# The interpreter is $PYTHON, else the project's .venv one (what scripts/install.py makes), else the
+# python3 of the PATH.
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -* ]]; then
@@ -21,15 +25,20 @@ shift
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 mkdir -p "$OUTDIR"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -z "${PYTHON:-}" ]]; then
+    PYTHON=python3
+    [[ -x "$ROOT/.venv/bin/python" ]] && PYTHON="$ROOT/.venv/bin/python"
+fi
 # Nothing is installed here: fail in one line, before any work, if the interpreter lacks a module.
-python3 - <<'PY'
+"$PYTHON" - <<'PY'
 import importlib.util, sys
 missing = [m for m in ("torch", "yaml") if importlib.util.find_spec(m) is None]
 if missing:
-    sys.exit(f"run.sh: python3 lacks {', '.join(missing)}; the suite installs nothing")
+    sys.exit(f"run.sh: {sys.executable} lacks {', '.join(missing)}; the suite installs nothing "
+             "(set PYTHON to an interpreter that has them, or run scripts/install.py)")
 PY
 # The dry run holds the Triton kernels to their references under the interpreter (set before import).
 for arg in "$@"; do
     [[ "$arg" == "--dry-run" ]] && export TRITON_INTERPRET=1
 done
-exec python3 "$ROOT/benchmarks/gpu/fp8_suite.py" "$OUTDIR" "$@"
+exec "$PYTHON" "$ROOT/benchmarks/gpu/fp8_suite.py" "$OUTDIR" "$@"
