@@ -114,6 +114,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sample_prompt: str = "def "
     sample_tokens: int = 160  # generated after training; 0: none
+    max_skipped_steps: int = 10  # consecutive non-finite steps before the run stops (exit 3)
 
 
 @dataclass
@@ -361,6 +362,7 @@ def validate(cfg: Config) -> Config:
     _positive(t, "train", "steps", "global_batch", "micro_batch", "seq_len", "log_every")
     _check(t.ckpt_every >= 0, f"train.ckpt_every={t.ckpt_every} must be >= 0 (0: only at the end)")
     _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
+    _check(t.max_skipped_steps >= 1, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")
     _check(t.sample_tokens >= 0, f"train.sample_tokens={t.sample_tokens} must be >= 0")
     _check(
         t.seq_len <= cfg.model.max_seq_len,

@@ -9,7 +9,8 @@ A checkpoint is a folder `step_<N>/`:
 
 Each rank writes its own shards, so a checkpoint written with one layout loads into another.
 The folder is written under a temporary name, fsynced, and renamed, so a crash leaves either
-the whole checkpoint or none. Loading goes through `angelptm.dcp_safe`, so it never runs code
+the whole checkpoint or none; a folder it replaces, or that pruning deletes, is renamed aside first
+(`recover_interrupted_saves` tidies up after a crash at the next start). Loading goes through `angelptm.dcp_safe`, so it never runs code
 from the checkpoint. A model-only checkpoint (from `import-hf`) has no "optim".
 """
 
@@ -37,6 +38,9 @@ from angelptm.errors import ConfigError, UserError
 
 FORMAT_VERSION = 1
 STEP_PREFIX = "step_"
+# Names of folders on their way in or out, beside the step_<N> folders. A kill at any moment leaves
+# a complete step_<N>, or a complete one under ASIDE_PREFIX that `recover_interrupted_saves` puts back.
+TMP_PREFIX, ASIDE_PREFIX, PRUNED_PREFIX = ".tmp_", ".replaced_", ".pruned_"
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
@@ -136,7 +140,7 @@ def save_checkpoint(
     older `step_<N>` siblings beyond the newest `keep` are removed afterwards.
     """
     folder = Path(folder)
-    tmp = folder.with_name(f".tmp_{folder.name}")
+    tmp = folder.with_name(TMP_PREFIX + folder.name)
     rank = _rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -156,20 +160,78 @@ def save_checkpoint(
         record = dict(train_state, format=FORMAT_VERSION, world_size=_world(), manifest=manifest)
         (tmp / "train_state.json").write_text(json.dumps(record, indent=1))
         fsync_tree(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        fsync_tree(folder.parent)
+        _swap_in(tmp, folder)
         if keep is not None:
             _prune(folder.parent, keep)
     _barrier()
     return folder
 
 
+def _swap_in(tmp: Path, folder: Path) -> None:
+    """Rename the complete `tmp` to `folder`; an existing `folder` is renamed aside first and
+    deleted only once the new one is in place (a rename over a non-empty folder is not possible)."""
+    aside = folder.with_name(ASIDE_PREFIX + folder.name)
+    if folder.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(folder, aside)
+    os.replace(tmp, folder)
+    fsync_tree(folder.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _prune(ckpt_root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, each renamed out of the step_<N> names first,
+    so a kill half-way through a deletion never leaves a half-deleted step_<N>."""
     steps = sorted((step_of(p), p) for p in ckpt_root.iterdir() if p.is_dir() and step_of(p) is not None)
+    doomed = []
     for _, old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed.append(old.with_name(PRUNED_PREFIX + old.name))
+        os.replace(old, doomed[-1])
+    if doomed:
+        fsync_tree(ckpt_root)
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def recover_interrupted_saves(ckpt_root: Path) -> list[str]:
+    """After a crash: put back a checkpoint renamed aside whose replacement never arrived, and
+    delete what a save or prune left half-done. Rank 0, before any checkpoint is looked for;
+    returns one line per thing done."""
+    if not ckpt_root.is_dir():
+        return []
+    done = []
+    for path in sorted(ckpt_root.iterdir()):
+        name = path.name
+        if name.startswith(ASIDE_PREFIX):
+            target = ckpt_root / name[len(ASIDE_PREFIX):]
+            if target.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.replace(path, target)
+                done.append(f"put back {target.name}, whose replacement was interrupted")
+        elif name.startswith((TMP_PREFIX, PRUNED_PREFIX)):
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {name}, left by an interrupted save or prune")
+    if done:
+        fsync_tree(ckpt_root)
+    return done
+
+
+def newest_complete_checkpoint(ckpt_root: Path) -> tuple[Optional[Path], list[str]]:
+    """The newest step_<N> under `ckpt_root` that passes `read_train_state`, and one line for each
+    newer one skipped as incomplete or corrupt. Collective, like read_train_state."""
+    if not ckpt_root.is_dir():
+        return None, []
+    skipped = []
+    steps = sorted(((step_of(p), p) for p in ckpt_root.iterdir() if p.is_dir() and step_of(p) is not None),
+                   reverse=True)
+    for _, path in steps:
+        try:
+            read_train_state(path)
+            return path, skipped
+        except UserError as e:
+            skipped.append(f"skipped {path}: {e}")
+    return None, skipped
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,13 +70,13 @@ class MetricsLogger:
     """Appends step records to `<output_dir>/metrics.jsonl` and draws a progress line."""
 
     def __init__(self, path: Path, total_steps: int, enabled: bool, resume_step: int = 0,
-                 stream: TextIO = sys.stderr):
+                 stream: Optional[TextIO] = None):
         """`resume_step` > 0 keeps the records up to that step and drops any written after it,
         so a resumed run's file reads as one uninterrupted history."""
         self.total_steps = total_steps
         self.enabled = enabled
-        self.stream = stream
-        self.interactive = stream.isatty()
+        self.stream = stream or sys.stderr  # looked up now: a redirected sys.stderr is followed
+        self.interactive = self.stream.isatty()
         self._file = None
         if enabled:
             kept = _records_up_to(path, resume_step) if resume_step else []
@@ -101,7 +101,7 @@ class MetricsLogger:
             f"loss {r['loss']:.4f} | {r['tokens_per_sec']:,.0f} tok/s | ETA {_duration(r['eta_s'])}"
         )
         if r.get("skipped"):
-            line += " | step skipped (non-finite gradients)"
+            line += " | step skipped (non-finite loss or gradients)"
         if self.interactive:
             end = "\n" if r["step"] >= self.total_steps else ""
             self.stream.write("\r" + line + " " * 4 + end)

@@ -13,7 +13,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from angelptm.errors import ConfigError, UserError
 from angelptm.fp8 import update_float8_scales
 from angelptm.models.llama import build_llama, flops_per_token
 from angelptm.train import checkpoint as ckpt
+from angelptm.train.faults import OutputLock, Preemption, SkipCounter, TrainingStopped
 from angelptm.train.metrics import MetricsLogger, peak_flops
 from angelptm.train.schedule import lr_at
 from angelptm.zerocache import ZeROCacheOptimizer
@@ -65,10 +66,24 @@ class Trainer:
 
         self.sampler = TokenSampler(self._build_dataset(), t.seq_len, t.global_batch, cfg.data.seed)
 
-        # Resume point: found and verified before the output folder is touched.
+        # The output folder is this run's alone from here on; a failure before training begins
+        # takes back what the lock created, so bad input leaves nothing behind.
         self.output_dir = Path(t.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
-        resume_from = self._find_resume_point()
+        self.lock = OutputLock(self.output_dir)
+        self._on_rank0(self.lock.acquire)
+        try:
+            self._build(cfg, meta_model, schedule)
+        except BaseException:
+            self.lock.release(undo=True)
+            raise
+
+    def _build(self, cfg: Config, meta_model: torch.nn.Module, schedule: list) -> None:
+        t, p = cfg.train, cfg.parallel
+        # Resume point: found and verified before anything is written to the output folder.
+        notes = self._on_rank0(lambda: ckpt.recover_interrupted_saves(self.ckpt_root)) or []
+        resume_from, skipped = self._find_resume_point()
+        notes += skipped
         resume_record = ckpt.read_train_state(resume_from) if resume_from else None
         if resume_from:
             self._check_same_model(resume_from)
@@ -109,8 +124,11 @@ class Trainer:
         self.metrics = MetricsLogger(
             self.output_dir / "metrics.jsonl", t.steps, enabled=self.rank == 0, resume_step=self.step
         )
+        for note in notes:
+            self.metrics.message(f"warning: {note}")
         if resume_from:
             self.metrics.message(f"resumed from {resume_from} at step {self.step}")
+        self.skips = SkipCounter(t.max_skipped_steps)
 
     # -----------------------------------------------------------------------------------------
     # Set-up helpers
@@ -128,32 +146,43 @@ class Trainer:
             raise ConfigError("train.device=cuda but no CUDA device is in use; set train.device=auto")
         return device
 
-    def _build_dataset(self):
-        """Rank 0 builds any cache first, so ranks do not race to write it; its error stops every rank."""
-        t = self.cfg.train
+    def _on_rank0(self, fn: Callable[[], Any]) -> Any:
+        """fn() on global rank 0 alone (its result there, None elsewhere); a UserError it raises
+        stops every rank with the same line."""
         outcome: list[Any] = [None]
+        result = None
         if self.rank == 0:
             try:
-                dataset = build_dataset(self.cfg.data, t.seq_len, self.cfg.model.vocab_size)
+                result = fn()
             except UserError as e:
                 outcome[0] = str(e)
         dist.broadcast_object_list(outcome, src=0)
         if outcome[0] is not None:
             raise UserError(outcome[0])
-        if self.rank != 0:
-            dataset = build_dataset(self.cfg.data, t.seq_len, self.cfg.model.vocab_size)
-        return dataset
+        return result
 
-    def _find_resume_point(self) -> Optional[Path]:
+    def _build_dataset(self):
+        """Rank 0 builds any cache first, so ranks do not race to write it; its error stops every rank."""
+        t = self.cfg.train
+        build = lambda: build_dataset(self.cfg.data, t.seq_len, self.cfg.model.vocab_size)  # noqa: E731
+        dataset = self._on_rank0(build)
+        return dataset if self.rank == 0 else build()
+
+    def _find_resume_point(self) -> tuple[Optional[Path], list[str]]:
+        """The checkpoint to resume from, and a line for each newer one `auto` had to skip."""
         resume = self.cfg.train.resume
         if resume == "never":
-            return None
+            return None, []
         if resume == "auto":
-            return ckpt.latest_checkpoint(self.ckpt_root)
+            found, skipped = ckpt.newest_complete_checkpoint(self.ckpt_root)
+            if skipped and found is None:
+                raise UserError(f"no complete checkpoint in {self.ckpt_root} ({skipped[0]}); delete the broken "
+                                "ones or set train.resume=never")
+            return found, skipped
         path = Path(resume)
         if not path.is_dir():
             raise UserError(f"train.resume={resume} does not exist; pass a step_<N> checkpoint folder, auto or never")
-        return path
+        return path, []
 
     def _check_same_model(self, folder: Path) -> None:
         saved = ckpt.checkpoint_config(folder).model
@@ -186,30 +215,54 @@ class Trainer:
 
     def fit(self, until: Optional[int] = None) -> dict[str, Any]:
         """Train from the current step to `train.steps`, or stop early after step `until` (with a
-        checkpoint there, as a job cut short by its time limit would); return the last record."""
+        checkpoint there, as a job cut short by its time limit would); return the last record.
+
+        A SIGTERM to any rank ends the run after the step in progress, with a checkpoint."""
         t = self.cfg.train
         last = min(until, t.steps) if until is not None else t.steps
         record: dict[str, Any] = {}
         start = time.perf_counter()
         first_step = self.step
+        preemption = Preemption()
         try:
             while self.step < last:
                 step_start = time.perf_counter()
                 stats = self.train_step()
                 self.step += 1
                 step_time = time.perf_counter() - step_start
-                if self.step % t.log_every == 0 or self.step == last:
+                preempted = self._any_rank(preemption.requested)
+                if self.step % t.log_every == 0 or self.step == last or preempted:
                     elapsed = time.perf_counter() - start
                     record = self._record(stats, step_time, elapsed / (self.step - first_step))
                     self.metrics.log(record)
-                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == last:
+                self.skips.record(self.step, stats["skipped"])
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == last or preempted:
                     self.save_checkpoint()
+                if preempted:
+                    self.metrics.message(f"SIGTERM: stopped after step {self.step} with a checkpoint; "
+                                         "train.resume=auto continues from it")
+                    break
+            summary = self.skips.summary(self.step - first_step)
+            if summary:
+                self.metrics.message(summary)
         finally:
+            preemption.restore()
             self.metrics.close()
+        if self.step >= t.steps:
+            self.lock.release()
         return record
 
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank of the job (every rank gets the same answer)."""
+        if dist.get_world_size() == 1:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over the global batch: microbatches, gradient sync, clip, update."""
+        """One optimizer step over the global batch: microbatches, gradient sync, clip, update.
+        A step whose loss or gradient norm is not finite changes nothing but the FP8 scales."""
         t = self.cfg.train
         lr = lr_at(self.step, self.cfg.optim, t.steps)
         for group in self.optimizer.param_groups:
@@ -226,15 +279,15 @@ class Trainer:
         with self.optimizer.no_sync():
             loss = self.runner.step(inputs, targets)
         self.optimizer.reduce_gradients()
+        # Each dp/cp rank saw its own tokens: average, so every rank reports the loss of the whole step.
+        loss = all_reduce(torch.tensor(loss, device=self.device), self.data_group).item() / self.data_group.size
         clip = self.cfg.optim.grad_clip
         grad_norm = float(self.optimizer.clip_grad_norm_(clip if clip else float("inf")))  # inf: measure only
-        skipped = not math.isfinite(grad_norm)
+        skipped = not (math.isfinite(grad_norm) and math.isfinite(loss))
         if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad()
         update_float8_scales(self.model)  # delayed FP8 scaling advances every step, skipped ones too
-        # Each dp/cp rank saw its own tokens: average, so every rank reports the loss of the whole step.
-        loss = all_reduce(torch.tensor(loss, device=self.device), self.data_group).item() / self.data_group.size
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "comm_bytes": self._comm_bytes()}
 
     def _comm_bytes(self) -> dict[str, int]:
@@ -269,6 +322,11 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> Path:
+        # An update can overflow weights whose gradients were finite (a huge learning rate): such
+        # weights are never saved, so every checkpoint on disk can be resumed from.
+        if not self.optimizer.parameters_finite():
+            raise TrainingStopped(f"the weights are not finite after step {self.step}, so no checkpoint is written; "
+                                  "lower optim.lr and resume from the last checkpoint")
         train_state = {"step": self.step, "sampler": self.sampler.state_dict(self.step), "kind": "train"}
         return ckpt.save_checkpoint(
             self.ckpt_root / f"{ckpt.STEP_PREFIX}{self.step}",

@@ -293,6 +293,17 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         return total
 
     @torch.no_grad()
+    def parameters_finite(self) -> bool:
+        """Whether every element of every parameter is finite, on every rank (collective over
+        dp × cp, tp and pp). Each rank checks the own ranges it updates, so each element once."""
+        own = [b.param_own() for b in self._buffers]
+        largest = torch.stack(torch._foreach_norm(own, float("inf"))).max() if own else torch.zeros(())
+        bad = (~torch.isfinite(largest)).to(torch.int64).reshape(1).to(self.device)
+        for group in [self.group, *self._norm_groups]:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+        return not bool(bad.item())
+
+    @torch.no_grad()
     def step(self, closure=None) -> None:
         if closure is not None:
             raise UserError("ZeROCacheOptimizer.step takes no closure; run forward and backward before it")

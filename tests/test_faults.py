@@ -1,0 +1,198 @@
+"""Fault injection: a crash at every point of a checkpoint's replacement and of pruning, a corrupt
+newest checkpoint, two runs on one output folder, runaway non-finite steps, SIGTERM, an output
+folder that is a file. After each, nothing done is lost and a resumed run continues the curve."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from angelptm.errors import UserError
+from angelptm.train import checkpoint as ckpt
+from angelptm.train.faults import TrainingStopped
+from angelptm.train.trainer import Trainer
+
+from conftest import REPO, one_line, run_cli, start_cli, tiny_config as tiny, tiny_sections
+from test_trainer import fit, losses, records, refused, step_folders
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL at one point of a save: nothing after it runs (not even `except Exception`)."""
+
+
+def crash_at(monkeypatch, module, name: str, call: int) -> None:
+    """Make the `call`-th call (0-based) of module.name on a checkpoint folder die, after the calls
+    before it did their work (`os` is one module: other writers' calls pass through uncounted)."""
+    real, calls = getattr(module, name), []
+
+    def dying(*args, **kwargs):
+        if "checkpoints" not in str(args[0]):
+            return real(*args, **kwargs)
+        calls.append(args)
+        if len(calls) - 1 == call:
+            raise Killed(name, args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, dying)
+
+
+def fit_dying(cfg) -> None:
+    with pytest.raises(Killed):
+        fit(cfg)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict:
+    """Losses of an uninterrupted 6-step run, for every interrupted one to match."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    fit(tiny(out, train={"steps": 6}))
+    return losses(out)
+
+
+def complete_checkpoints(out: Path) -> list[str]:
+    """The step_<N> folders of a run, each checked complete (read_train_state raises otherwise)."""
+    names = [name for name in step_folders(out) if name.startswith("step_")]
+    for name in names:
+        ckpt.read_train_state(out / "checkpoints" / name)
+    return names
+
+
+@pytest.mark.parametrize("operation", ["replace", "rmtree"])
+def test_a_kill_at_any_rename_or_delete_of_a_save_loses_nothing(tmp_path, monkeypatch, straight, operation):
+    """Resumed from step_2 into a folder that already holds step_4 (and prunes step_2 after), the run
+    replaces step_4. Killed at each rename or deletion of that save in turn, the folder still holds
+    complete checkpoints only, and the next start resumes on the uninterrupted curve."""
+    base = tmp_path / "base"
+    fit(tiny(base, train={"steps": 4, "ckpt_every": 2}))
+    module = ckpt.os if operation == "replace" else ckpt.shutil
+    for call in range(20):
+        out = tmp_path / f"killed_{call}"
+        shutil.copytree(base, out)
+        crash_at(monkeypatch, module, operation, call)
+        try:
+            fit(tiny(out, train={"steps": 4, "ckpt_every": 2, "resume": str(out / "checkpoints" / "step_2")}))
+            killed = False
+        except Killed:
+            killed = True
+        monkeypatch.undo()
+        assert "step_4" in complete_checkpoints(out) or (out / "checkpoints" / ".replaced_step_4").is_dir(), call
+        trainer = fit(tiny(out, train={"steps": 6, "ckpt_every": 2}))
+        assert step_folders(out) == ["step_4", "step_6"], call  # keep_checkpoints=2; no leftovers
+        assert losses(out) == straight and trainer.step == 6, call
+        if not killed:  # the save ran to its end: every one of its calls has been a kill point
+            break
+    assert call > 1, "the save made too few renames or deletions to have tested it"
+
+
+def test_resume_auto_falls_back_to_the_newest_complete_checkpoint(tmp_path, straight, capfd):
+    out = tmp_path / "run"
+    fit(tiny(out, train={"steps": 4, "ckpt_every": 2}))
+    (out / "checkpoints" / "step_4" / "train_state.json").unlink()
+    trainer = fit(tiny(out, train={"steps": 6, "ckpt_every": 2}))
+    err = capfd.readouterr().err
+    assert "warning: skipped" in err and "step_4" in err and "resumed from" in err and "step_2" in err
+    assert losses(out) == straight and trainer.step == 6
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from angelptm.train.faults import OutputLock; "
+         f"OutputLock({str(out)!r}).acquire(); print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError) as excinfo:
+            try:
+                Trainer(tiny(out))
+            finally:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+        message = one_line(str(excinfo.value))
+        assert f"pid {holder.pid}" in message and "train.output_dir" in message
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the holder's; nothing of ours
+    finally:
+        holder.communicate("")
+    fit(tiny(out, train={"steps": 2}))  # the holder is gone, so is its lock
+
+
+@pytest.mark.parametrize("where", ["is-a-file", "under-a-file"])
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path, where):
+    (tmp_path / "f").write_text("not a folder")
+    out = tmp_path / "f" if where == "is-a-file" else tmp_path / "f" / "run"
+    with pytest.raises(UserError) as excinfo:
+        try:
+            Trainer(tiny(out))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    assert "train.output_dir" in one_line(str(excinfo.value)) and "file" in str(excinfo.value)
+    assert (tmp_path / "f").read_text() == "not a folder"
+
+
+def test_a_refused_run_takes_back_the_folders_it_made(tmp_path):
+    """The lock is taken before the resume point is checked; a refusal there removes it again."""
+    message = refused(tiny(tmp_path / "a" / "b" / "run", train={"resume": str(tmp_path / "nope")}))
+    assert "train.resume" in message and not (tmp_path / "a").exists()
+
+
+def test_runaway_skipped_steps_stop_the_run(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped) as excinfo:
+        fit(tiny(out, optim={"lr": 1e6, "warmup_steps": 0}, train={"steps": 40, "max_skipped_steps": 4}))
+    message = one_line(str(excinfo.value))
+    assert "train.max_skipped_steps=4" in message and excinfo.value.exit_code == 3
+    skipped = [r["step"] for r in records(out) if r["skipped"]]
+    assert len(skipped) == 4 and skipped == list(range(skipped[0], skipped[0] + 4))
+    assert records(out)[-1]["step"] == skipped[-1] < 40
+
+
+def cli_args(output_dir, **sections) -> list[str]:
+    """`--set` arguments that give the CLI the tiny config of conftest, with `sections` applied."""
+    raw = tiny_sections(output_dir, **sections)
+    return [arg for name, values in raw.items() for key, value in values.items()
+            for arg in ("--set", f"{name}.{key}={value}")]
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """An update so large that the weights overflow, from finite gradients: the save refuses."""
+    out = tmp_path / "run"
+    result = run_cli("train", *cli_args(out, optim={"lr": 3e38, "warmup_steps": 0}, train={"steps": 3, "ckpt_every": 1}))
+    assert result.returncode == 3, result.stderr
+    assert one_line(result.stderr.splitlines()[-1]).startswith("angelptm: error: the weights are not finite")
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path):
+    """What SLURM and Kubernetes send before a kill: the run stops at the end of the step it is in,
+    with a checkpoint there, and the resumed run has the uninterrupted run's losses."""
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    long_run = {"train": {"steps": 10_000}}
+    proc = start_cli("train", *cli_args(out, **long_run))
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert time.monotonic() - signalled < 30
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert "SIGTERM" in stderr and step_folders(out) == [f"step_{last}"]
+    ckpt.read_train_state(out / "checkpoints" / f"step_{last}")
+
+    resumed = Trainer(tiny(out, **long_run))
+    resumed.fit(until=last + 2)
+    uninterrupted = Trainer(tiny(straight, **long_run))
+    uninterrupted.fit(until=last + 2)
+    dist.destroy_process_group()
+    assert losses(out) == losses(straight) and len(losses(out)) == last + 2
