@@ -19,11 +19,18 @@ def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from angelptm.config import load_config
+    from angelptm.train.faults import PeerFailure, collective_failure
     from angelptm.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg)
-    trainer.fit()
+    try:
+        trainer = Trainer(cfg)
+        trainer.fit()
+    except RuntimeError as e:  # a peer rank that stalled or died: one line, not a traceback per rank
+        line = collective_failure(e, cfg.parallel.timeout_s)
+        if line is None:
+            raise
+        raise PeerFailure(line) from None
     # The sample reads the final checkpoint as one full model, on rank 0 alone, after the job's
     # process group is gone, so it works the same whatever the layout.
     dist.destroy_process_group()
@@ -117,7 +124,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         return args.run(args)
     except UserError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if int(os.environ.get("RANK", 0)) == 0 or getattr(e, "every_rank", False):
             print(f"angelptm: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -47,6 +47,7 @@ class ParallelConfig:
     pp_schedule: Literal["gpipe", "1f1b", "interleaved", "zero_bubble"] = "1f1b"
     pp_virtual_stages: int = 1
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = 600.0  # a collective that waits longer (a stalled or dead peer) ends every rank
 
 
 @dataclass
@@ -362,6 +363,7 @@ def validate(cfg: Config) -> Config:
     _positive(t, "train", "steps", "global_batch", "micro_batch", "seq_len", "log_every")
     _check(t.ckpt_every >= 0, f"train.ckpt_every={t.ckpt_every} must be >= 0 (0: only at the end)")
     _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
+    _check(cfg.parallel.timeout_s > 0, f"parallel.timeout_s={cfg.parallel.timeout_s} must be positive (seconds)")
     _check(t.max_skipped_steps >= 1, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")
     _check(t.sample_tokens >= 0, f"train.sample_tokens={t.sample_tokens} must be >= 0")
     _check(

@@ -3,6 +3,7 @@ newest checkpoint, two runs on one output folder, runaway non-finite steps, SIGT
 folder that is a file. After each, nothing done is lost and a resumed run continues the curve."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from angelptm.train import checkpoint as ckpt
 from angelptm.train.faults import TrainingStopped
 from angelptm.train.trainer import Trainer
 
-from conftest import REPO, one_line, run_cli, start_cli, tiny_config as tiny, tiny_sections
+from conftest import REPO, cli_command, one_line, run_cli, start_cli, tiny_config as tiny, tiny_sections
 from test_trainer import fit, losses, records, refused, step_folders
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -196,3 +197,93 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path):
     uninterrupted.fit(until=last + 2)
     dist.destroy_process_group()
     assert losses(out) == losses(straight) and len(losses(out)) == last + 2
+
+
+# ---------------------------------------------------------------------------------------------
+# A stalled, dead or orphaned rank under torchrun
+
+
+def children(pid: int) -> dict[int, int]:
+    """{rank: pid} of the torchrun workers whose parent is `pid`."""
+    workers = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = next((v[5:] for v in environ if v.startswith(b"RANK=")), None)
+        if ppid == pid and rank is not None:
+            workers[int(rank)] = int(entry.name)
+    return workers
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def start_torchrun(out: Path, *overrides: str) -> subprocess.Popen:
+    argv, env = cli_command("train", *cli_args(out, train={"steps": 100_000, "micro_batch": 4}), *overrides)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *argv[1:]]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    metrics = out / "metrics.jsonl"
+    assert wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, 120), "no training"
+    return proc
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_ends_every_rank_with_one_line_after_the_timeout(tmp_path):
+    proc = start_torchrun(tmp_path / "run", "--set", "parallel.timeout_s=3")
+    workers = children(proc.pid)
+    os.kill(workers[1], signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        assert wait_until(lambda: not alive(workers[0]), 60), "rank 0 still waits"
+        assert time.monotonic() - stopped < 30
+    finally:
+        os.kill(workers[1], signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.startswith("angelptm: error:")]
+    assert proc.returncode != 0
+    assert any(line.startswith("angelptm: error: rank 0: ") and "parallel.timeout_s=3 s" in line for line in lines), \
+        stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_dead_rank_is_named_in_one_line_by_the_others(tmp_path):
+    proc = start_torchrun(tmp_path / "run")
+    os.kill(children(proc.pid)[1], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.startswith("angelptm: error:")]
+    assert proc.returncode != 0 and "[rank0]: Traceback" not in stderr, stderr[-3000:]
+    assert lines and all(line.startswith("angelptm: error: rank 0: ") for line in lines), stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_workers_die_with_their_launcher_after_a_checkpoint(tmp_path):
+    """torchrun killed outright: its workers get SIGTERM from the kernel, finish the step, checkpoint
+    and exit, instead of training on as orphans."""
+    out = tmp_path / "run"
+    proc = start_torchrun(out)
+    workers = children(proc.pid)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert wait_until(lambda: not any(alive(pid) for pid in workers.values()), 60), "orphans still run"
+    names = complete_checkpoints(out)
+    assert len(names) == 1
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert names == [f"step_{last}"]

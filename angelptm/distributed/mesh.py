@@ -12,8 +12,12 @@ reads only the config, so every rank raises the same `ConfigError` before any co
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -127,26 +131,43 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def init_process_group(backend: str = "auto") -> None:
-    """Join torchrun's process group, or make a group of one for a plain single process."""
+def init_process_group(backend: str = "auto", timeout_s: float = 600.0) -> None:
+    """Join torchrun's process group, or make a group of one for a plain single process.
+
+    A collective that waits longer than `timeout_s` (a peer stalled or gone) raises on every rank
+    instead of blocking forever; `angelptm.train.faults.collective_failure` names it in one line."""
     if dist.is_initialized():
         return
     backend = resolve_backend(backend)
     rank, local_rank, world_size = world_from_env()
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
+    timeout = timedelta(seconds=timeout_s)
     if "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        die_with_launcher()
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
-def init(dims: Optional[ParallelDims] = None, backend: str = "auto") -> DeviceMesh:
+def die_with_launcher() -> None:
+    """Ask Linux to send this worker SIGTERM when the process that launched it (torchrun) dies, so
+    no orphan keeps training and writing; SIGTERM lets it checkpoint on the way out (faults.Preemption)."""
+    if not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != launcher:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def init(dims: Optional[ParallelDims] = None, backend: str = "auto", timeout_s: float = 600.0) -> DeviceMesh:
     """Initialise the process group (if needed) and return the 4D DeviceMesh for `dims`.
 
     `dims=None` means pure data parallelism over the whole world.
     """
-    init_process_group(backend)
+    init_process_group(backend, timeout_s)
     world_size = dist.get_world_size()
     dims = dims or ParallelDims(dp=world_size)
     if dims.world_size != world_size:

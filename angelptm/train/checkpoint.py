@@ -28,7 +28,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -238,10 +238,6 @@ def newest_complete_checkpoint(ckpt_root: Path) -> tuple[Optional[Path], list[st
 # Loading
 
 
-def _corrupt(folder: Path, what: str) -> UserError:
-    return UserError(f"checkpoint {folder} is corrupt or incomplete ({what}); delete it or use another checkpoint")
-
-
 def read_train_state(folder: Path) -> dict[str, Any]:
     """The checkpoint's JSON record, after checking every file against the manifest.
 
@@ -254,7 +250,7 @@ def read_train_state(folder: Path) -> dict[str, Any]:
         record = json.loads((folder / "train_state.json").read_text())
         manifest = record["manifest"]
     except (OSError, ValueError, KeyError):
-        raise _corrupt(folder, "train_state.json is missing or unreadable") from None
+        raise dcp_safe.corrupt(folder, "train_state.json is missing or unreadable") from None
     if record.get("format") != FORMAT_VERSION:
         raise UserError(
             f"checkpoint {folder} has format {record.get('format')}, this angelptm reads format "
@@ -270,7 +266,7 @@ def read_train_state(folder: Path) -> dict[str, Any]:
         if problem:
             break
     if not _all_ok(problem is None):
-        raise _corrupt(folder, problem or "a file fails its checksum on another rank")
+        raise dcp_safe.corrupt(folder, problem or "a file fails its checksum on another rank")
     return record
 
 
@@ -288,7 +284,7 @@ def load_state(folder: Path, state: dict[str, Any]) -> None:
         raise
     except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures (shape, key, truncation)
         first = str(e).strip().splitlines()
-        raise _corrupt(folder, first[-1] if first else type(e).__name__) from None
+        raise dcp_safe.corrupt(folder, first[-1] if first else type(e).__name__) from None
 
 
 def stored_keys(folder: Path) -> set[str]:
@@ -301,7 +297,7 @@ def restore_rng(folder: Path) -> None:
     path = Path(folder) / "rng" / f"rank_{_rank()}.safetensors"
     if not path.is_file():
         return
-    rng = load_file(str(path))
+    rng = dcp_safe.load_safetensors(path, Path(folder))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -313,7 +309,7 @@ def checkpoint_config(folder: Path) -> Config:
     try:
         return load_config(Path(folder) / "config.yaml")
     except ConfigError as e:
-        raise _corrupt(Path(folder), f"config.yaml: {e}") from None
+        raise dcp_safe.corrupt(Path(folder), f"config.yaml: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@
   trainer finishes the step, writes a checkpoint and exits 0, and `resume: auto` continues from it.
 - `SkipCounter`: steps whose loss or gradients are not finite are skipped; too many in a row stop
   the run, since no later step can repair weights or data that keep producing them.
+- `collective_failure`: a collective that timed out (`parallel.timeout_s`) or lost its peer, told
+  in one line naming the rank and the operation it waited in.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import errno
 import fcntl
 import os
 import signal
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +30,13 @@ class TrainingStopped(UserError):
     """The run cannot go on (its steps keep failing); exit status 3 tells it from bad input (2)."""
 
     exit_code = 3
+
+
+class PeerFailure(UserError):
+    """A collective failed because another rank stalled or died; every rank says so (exit status 4)."""
+
+    exit_code = 4
+    every_rank = True
 
 
 class OutputLock:
@@ -132,3 +142,29 @@ class SkipCounter:
             return None
         shown = ", ".join(map(str, self.steps[:10])) + (", ..." if len(self.steps) > 10 else "")
         return f"{len(self.steps)} of {total} steps skipped (non-finite loss or gradients): {shown}"
+
+
+# What gloo and NCCL say when a peer stalls past the timeout or its connection goes away.
+_TIMEOUT_WORDS = ("timeout", "timed out")
+_LOST_PEER_WORDS = ("connection closed", "connection reset", "broken pipe", "pair closure", "nccl", "socket")
+
+
+def collective_failure(exc: BaseException, timeout_s: float) -> Optional[str]:
+    """One line for `exc` if it is a collective that timed out or lost a peer, else None."""
+    text = str(exc).lower()
+    frames = traceback.extract_tb(exc.__traceback__)
+    c10d = [f for f in frames if f.filename.endswith("distributed_c10d.py")]
+    if not (c10d or any(word in text for word in _TIMEOUT_WORDS + _LOST_PEER_WORDS)):
+        return None
+    ours = [f for f in frames if f"{os.sep}angelptm{os.sep}" in f.filename]
+    operation = c10d[-1].name if c10d else "a collective"
+    # The innermost calls of ours say which step of training waited (a reduction, a gather, ...).
+    path = " < ".join(f"{f.name} ({Path(f.filename).name}:{f.lineno})" for f in reversed(ours[-3:]))
+    where = f" in {path}" if path else ""
+    if any(word in text for word in _TIMEOUT_WORDS):
+        why = f"waited longer than parallel.timeout_s={timeout_s:g} s"
+    else:
+        why = "lost its connection to a peer"
+    rank = os.environ.get("RANK", "0")
+    return (f"rank {rank}: {operation}{where} {why}: another rank stalled or died; check the other ranks' "
+            "output, then resume with train.resume=auto")

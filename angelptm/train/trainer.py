@@ -54,7 +54,7 @@ class Trainer:
         meta_model = build_llama(cfg.model, "meta")
         schedule = build_schedule(p.pp_schedule, self.dims.pp, self.accum_steps, p.pp_virtual_stages)
         stage_layer_ranges(meta_model, self.dims.pp * p.pp_virtual_stages, t.seq_len)  # can the layers be split?
-        self.mesh = distributed.init(self.dims, self._backend())
+        self.mesh = distributed.init(self.dims, self._backend(), p.timeout_s)
         self.rank = dist.get_rank()
         self.dp_rank = self.mesh["dp"].get_local_rank()
         # tp ranks share a microbatch; cp ranks split its sequence; dp and cp together split the step's tokens.
