@@ -287,3 +287,43 @@ def test_workers_die_with_their_launcher_after_a_checkpoint(tmp_path):
     assert len(names) == 1
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert names == [f"step_{last}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB file system: room for one checkpoint of the tiny model, not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)  # lazy: a failed run's lock may stay open
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_writing(small_disk):
+    out = small_disk / "run"
+    with pytest.raises(TrainingStopped) as excinfo:
+        fit(tiny(out, train={"steps": 6, "ckpt_every": 2}))
+    message = one_line(str(excinfo.value))
+    assert message.startswith(f"no space for checkpoint {out / 'checkpoints' / 'step_4'}: it needs ")
+    assert "MiB are free" in message
+    assert complete_checkpoints(out) == ["step_2"] and step_folders(out) == ["step_2"]
+
+
+def test_a_disk_that_fills_during_a_save_leaves_older_checkpoints_intact(small_disk, monkeypatch):
+    """The free-space check passes (another writer fills the disk after it): the write fails with
+    ENOSPC, its partial folder is removed, and the run stops in one line."""
+    out = small_disk / "run"
+    fit(tiny(out, train={"steps": 2, "ckpt_every": 2}))
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 2**19))  # leaves half a MiB
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 0, 2**40))
+    with pytest.raises(TrainingStopped) as excinfo:
+        fit(tiny(out, train={"steps": 4, "ckpt_every": 2}))
+    assert one_line(str(excinfo.value)).startswith("no space for checkpoint")
+    assert step_folders(out) == ["step_2"] and complete_checkpoints(out) == ["step_2"]
+    assert not (out / "checkpoints" / ".tmp_step_4").exists()  # the partial save gave its space back

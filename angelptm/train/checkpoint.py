@@ -16,6 +16,7 @@ from the checkpoint. A model-only checkpoint (from `import-hf`) has no "optim".
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from angelptm import dcp_safe
 from angelptm.config import Config, load_config, save_config
 from angelptm.errors import ConfigError, UserError
+from angelptm.train.faults import TrainingStopped
 
 FORMAT_VERSION = 1
 STEP_PREFIX = "step_"
@@ -142,29 +144,96 @@ def save_checkpoint(
     folder = Path(folder)
     tmp = folder.with_name(TMP_PREFIX + folder.name)
     rank = _rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-    _barrier()
-    with _single_process_quiet():
-        dcp.save(state, storage_writer=FileSystemWriter(tmp / "state", sync_files=True))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / "rng" / f"rank_{rank}.safetensors"))
-    _barrier()
-    if rank == 0:
-        save_config(cfg, tmp / "config.yaml")
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
-        record = dict(train_state, format=FORMAT_VERSION, world_size=_world(), manifest=manifest)
-        (tmp / "train_state.json").write_text(json.dumps(record, indent=1))
-        fsync_tree(tmp)
-        _swap_in(tmp, folder)
-        if keep is not None:
-            _prune(folder.parent, keep)
-    _barrier()
+    needed = _bytes_to_write(state)
+    free = shutil.disk_usage(_existing_ancestor(folder)).free
+    if not _all_ok(needed <= free):
+        raise _no_space(folder, needed, free)
+    error: Optional[BaseException] = None
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        _barrier()
+        with _single_process_quiet():
+            dcp.save(state, storage_writer=FileSystemWriter(tmp / "state", sync_files=True))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / "rng" / f"rank_{rank}.safetensors"))
+    except (Exception, CheckpointException) as e:  # DCP raises on every rank alike; the rest is local
+        error = e
+    if _all_ok(error is None) and rank == 0:
+        try:
+            save_config(cfg, tmp / "config.yaml")
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
+            record = dict(train_state, format=FORMAT_VERSION, world_size=_world(), manifest=manifest)
+            (tmp / "train_state.json").write_text(json.dumps(record, indent=1))
+            fsync_tree(tmp)
+            _swap_in(tmp, folder)
+            if keep is not None:
+                _prune(folder.parent, keep)
+        except Exception as e:
+            error = e
+    if not _all_ok(error is None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # older checkpoints are untouched: only a swap changes them
+        if error is not None and not _is_out_of_space(error):
+            raise error
+        raise _no_space(folder, needed, shutil.disk_usage(_existing_ancestor(folder)).free)
     return folder
+
+
+def _bytes_to_write(state: Any) -> int:
+    """The bytes every rank's shards of `state` take (what a save writes, less the small files),
+    with 5% and 1 MiB on top for DCP's framing and metadata."""
+    def local_bytes(value: Any) -> int:
+        if isinstance(value, dict):
+            return sum(local_bytes(v) for v in value.values())
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            return local.numel() * local.element_size()
+        return 0
+
+    total = torch.tensor([local_bytes(state)], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        total = total.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(total)
+    return int(int(total.item()) * 1.05) + 2**20
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+# How a full disk shows through DCP's wrapper, which keeps only each rank's traceback text:
+# the OS's words, or torch's zip writer finding a short write ("unexpected pos 704 vs 598").
+_OUT_OF_SPACE_WORDS = ("no space left", "quota exceeded", "unexpected pos")
+
+
+def _is_out_of_space(error: BaseException) -> bool:
+    """Whether `error` (or what DCP wrapped in it, on any rank) is a full disk or quota."""
+    return any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for e in _causes(error)) or \
+        any(words in str(error).lower() for words in _OUT_OF_SPACE_WORDS)
+
+
+def _causes(error: Optional[BaseException]):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _no_space(folder: Path, needed: int, free: int) -> TrainingStopped:
+    return TrainingStopped(
+        f"no space for checkpoint {folder}: it needs {_size(needed)}, {_size(free)} are free "
+        f"on {_existing_ancestor(folder)}; free some space, lower train.keep_checkpoints or put "
+        "train.output_dir on a larger disk (older checkpoints are intact)")
 
 
 def _swap_in(tmp: Path, folder: Path) -> None:

@@ -16,6 +16,8 @@ from typing import Any, Optional, TextIO
 
 import torch
 
+from angelptm.errors import UserError
+
 # Dense peak FLOP/s per GPU by dtype (datasheet, without sparsity).
 GPU_PEAK_FLOPS = {
     "H200": {"bfloat16": 989e12, "float32": 67e12},
@@ -81,9 +83,14 @@ class MetricsLogger:
         if enabled:
             kept = _records_up_to(path, resume_step) if resume_step else []
             tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "w") as f:
+                    f.writelines(kept)
+                os.replace(tmp, path)
+            except OSError as e:  # a full disk, most likely: say so, keep the old file
+                tmp.unlink(missing_ok=True)
+                raise UserError(f"cannot write {path} ({e.strerror or e}); free some space on its disk or set "
+                                "train.output_dir elsewhere") from None
             self._file = open(path, "a")
 
     def log(self, record: dict[str, Any]) -> None:
