@@ -103,6 +103,17 @@ def test_resume_auto_falls_back_to_the_newest_complete_checkpoint(tmp_path, stra
     assert losses(out) == straight and trainer.step == 6
 
 
+def refusal(cfg) -> str:
+    """The one-line UserError that building a Trainer for `cfg` raises."""
+    with pytest.raises(UserError) as excinfo:
+        try:
+            Trainer(cfg)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return one_line(str(excinfo.value))
+
+
 def test_a_second_run_on_the_same_output_folder_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen(
@@ -111,13 +122,7 @@ def test_a_second_run_on_the_same_output_folder_is_refused_naming_the_holder(tmp
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(UserError) as excinfo:
-            try:
-                Trainer(tiny(out))
-            finally:
-                if dist.is_initialized():
-                    dist.destroy_process_group()
-        message = one_line(str(excinfo.value))
+        message = refusal(tiny(out))
         assert f"pid {holder.pid}" in message and "train.output_dir" in message
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the holder's; nothing of ours
     finally:
@@ -129,13 +134,8 @@ def test_a_second_run_on_the_same_output_folder_is_refused_naming_the_holder(tmp
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path, where):
     (tmp_path / "f").write_text("not a folder")
     out = tmp_path / "f" if where == "is-a-file" else tmp_path / "f" / "run"
-    with pytest.raises(UserError) as excinfo:
-        try:
-            Trainer(tiny(out))
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-    assert "train.output_dir" in one_line(str(excinfo.value)) and "file" in str(excinfo.value)
+    message = refusal(tiny(out))
+    assert "train.output_dir" in message and "file" in message
     assert (tmp_path / "f").read_text() == "not a folder"
 
 
