@@ -8,6 +8,7 @@ one line that names the dotted key and the fix, so the CLI can print it and exit
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
 import math
 import os
@@ -140,7 +141,12 @@ class Config:
                 f"train.micro_batch × dp = {self.train.micro_batch} × {dp}; "
                 f"set train.global_batch to a multiple of {per_step}"
             )
-        return self.train.global_batch // per_step
+        steps = self.train.global_batch // per_step
+        if steps > MAX_MICROBATCHES:
+            raise ConfigError(
+                f"train.global_batch={self.train.global_batch} makes {steps} microbatches per step (global_batch /"
+                f" (micro_batch × dp)), more than {MAX_MICROBATCHES}; lower it or raise train.micro_batch")
+        return steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,9 +225,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
+            try:  # "12", or "1e6" (a string to YAML 1.1), read exactly
+                number = decimal.Decimal(value.strip())
+                if number.is_finite() and number.adjusted() < 64 and number == number.to_integral_value():
+                    return int(number)
+            except decimal.InvalidOperation:
                 pass
         if isinstance(value, float) and value.is_integer():
             return int(value)
@@ -271,6 +279,15 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 # Validation: ranges and combinations
 
 
+MAX_TENSOR_NUMEL = 2**63 // 4  # torch sizes a float32 tensor's bytes in an int64 ("Storage size ... overflowed")
+MAX_SAMPLES = 2**63 - 1  # sample g = step · global_batch + row is an int64 index (data.sampler)
+# Every microbatch of a step is an action in the pipeline schedule's lists, built before the first
+# step (~30 µs each on one core): 65536 build in ~2 s. Real jobs use hundreds.
+MAX_MICROBATCHES = 2**16
+MIN_PAGE_MB = 1024 * 4 / 2**20  # one aligned shard: zerocache.pages.SHARD_ALIGN_NUMEL float32 elements
+MAX_AMAX_HISTORY = 2**16  # each FP8 operand keeps, and rotates every step, a float32 history this long
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -302,6 +319,14 @@ def _resolve_model(m: ModelConfig) -> None:
         f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
         "pick n_kv_heads dividing n_heads",
     )
+    # The largest weight: the embedding / output head (vocab × dim), a projection (dim × dim) or
+    # an MLP matrix (ffn × dim). Memory for the whole model is the trainer's preflight's to check.
+    other, name = max((m.vocab_size, "model.vocab_size"), (m.dim, "model.dim"), (m.ffn_dim, "model.ffn_dim"))
+    _check(
+        m.dim * other <= MAX_TENSOR_NUMEL,
+        f"model.dim={m.dim} × {name}={other} = {m.dim * other:.3g} elements in one weight, more than a "
+        f"tensor can hold ({MAX_TENSOR_NUMEL:.3g}); lower " + ("model.dim" if name == "model.dim" else f"{name} or model.dim"),
+    )
 
 
 def validate(cfg: Config) -> Config:
@@ -311,7 +336,8 @@ def validate(cfg: Config) -> Config:
     _positive(p, "parallel", "tp", "pp", "cp", "pp_virtual_stages")
     _check(p.dp == "auto" or p.dp > 0, f"parallel.dp={p.dp} must be positive or auto")
     f8 = cfg.precision.fp8
-    _positive(f8, "precision.fp8", "amax_history")
+    _check(0 < f8.amax_history <= MAX_AMAX_HISTORY, f"precision.fp8.amax_history={f8.amax_history} must lie "
+           f"between 1 and {MAX_AMAX_HISTORY} steps (Transformer Engine's default is 1024, ours 16)")
     z = cfg.zero
     _check(0 <= z.stage <= 3, f"zero.stage={z.stage} must be 0, 1, 2 or 3")
     _check(
@@ -319,7 +345,11 @@ def validate(cfg: Config) -> Config:
         "precision.fp8.fp8_all_gather=true gathers stage-3 weights in FP8; it needs precision.fp8.enabled=true, "
         f"zero.stage=3 (got {z.stage}) and precision.fp8.recipe tensorwise or rowwise (got {f8.recipe})",
     )
-    _positive(z, "zero", "page_mb")
+    _check(
+        z.page_mb >= MIN_PAGE_MB,
+        f"zero.page_mb={z.page_mb:g} is smaller than one aligned shard (1024 float32 elements, 4 KiB); "
+        f"set zero.page_mb to at least {MIN_PAGE_MB} (the default is 32)",
+    )
     _check(z.prefetch_pages >= 0, f"zero.prefetch_pages={z.prefetch_pages} must be >= 0")
     _check(
         z.offload_params == "none" or z.stage == 3,
@@ -375,6 +405,11 @@ def validate(cfg: Config) -> Config:
         t.global_batch % t.micro_batch == 0,
         f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch="
         f"{t.micro_batch}; set train.global_batch to a multiple of {t.micro_batch}",
+    )
+    _check(
+        t.steps * t.global_batch <= MAX_SAMPLES,
+        f"train.steps × train.global_batch = {t.steps} × {t.global_batch} sequences overflow a 64-bit "
+        "sample index; lower train.global_batch or train.steps",
     )
     _check(
         t.resume in ("auto", "never") or bool(t.resume),

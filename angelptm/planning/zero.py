@@ -70,13 +70,15 @@ def page_layout(m: ModelShape, tp: int, n_layers: int, units: tuple[str, ...], i
     embedding, block, norm, output = m.unit_params(tp)
     outside = [numels for name, numels in (("embedding", embedding), ("norm", norm), ("output", output))
                if name in units]
-    unit_pages = [pack_unit(block, itemsize, page_mb, shards)] * n_layers
-    unit_pages += [pack_unit(numels, itemsize, page_mb, shards) for numels in outside]
+    # Each distinct unit once, with how many times it repeats: a 10-million-layer model (which the
+    # trainer's preflight must refuse in milliseconds) packs in the time of one block.
+    unit_pages = [(pack_unit(block, itemsize, page_mb, shards), n_layers)] if n_layers else []
+    unit_pages += [(pack_unit(numels, itemsize, page_mb, shards), 1) for numels in outside]
     return PageLayout(
         params=n_layers * sum(block) + sum(sum(numels) for numels in outside),
-        total=sum(sum(p) for p in unit_pages), count=sum(len(p) for p in unit_pages),
-        largest=max(max(p) for p in unit_pages), widest_unit=max(len(p) for p in unit_pages),
-        widest_unit_numel=max(sum(p) for p in unit_pages),
+        total=sum(n * sum(p) for p, n in unit_pages), count=sum(n * len(p) for p, n in unit_pages),
+        largest=max(max(p) for p, _ in unit_pages), widest_unit=max(len(p) for p, _ in unit_pages),
+        widest_unit_numel=max(sum(p) for p, _ in unit_pages),
     )
 
 
@@ -116,10 +118,12 @@ def zero_bytes(m: ModelShape, lay: Layout, cfg: Config, impl: Implementation, n_
     in_flight = 0.0
     if impl.paged:
         total = pages.total
+        # Windows longer than the rank's pages hold no more than those (as placement.in_flight_bytes).
+        prefetch, reductions = min(z.prefetch_pages, pages.count), min(max(2, z.prefetch_pages), pages.count)
         if stage >= 2:  # the running unit's buckets; a bucket and a receive buffer per reduction in flight
-            in_flight = (pages.widest_unit_numel + 2 * max(2, z.prefetch_pages) * pages.largest) * pb
+            in_flight = (pages.widest_unit_numel + 2 * reductions * pages.largest) * pb
             if stage == 3:  # whole units gathered, two at once for a tied pair, plus the prefetch
-                in_flight += (2 * pages.widest_unit_numel + z.prefetch_pages * pages.largest) * pb
+                in_flight += (2 * pages.widest_unit_numel + prefetch * pages.largest) * pb
     else:
         total = _round_up(pages.params, shards)
     own = total if stage == 0 else total / shards

@@ -32,6 +32,7 @@ from angelptm.models.llama import build_llama, flops_per_token
 from angelptm.train import checkpoint as ckpt
 from angelptm.train.faults import OutputLock, Preemption, SkipCounter, TrainingStopped
 from angelptm.train.metrics import MetricsLogger, peak_flops
+from angelptm.train.preflight import check_run
 from angelptm.train.schedule import lr_at
 from angelptm.zerocache import ZeROCacheOptimizer
 
@@ -51,6 +52,9 @@ class Trainer:
         self.dims = ParallelDims.from_config(p, world_size)
         validate_layout(self.dims, cfg)
         self.accum_steps = cfg.grad_accum_steps(self.dims.dp)
+        # What this machine cannot hold is refused from the planner's estimate, before anything is
+        # built (a model of millions of layers takes minutes to build even on the meta device).
+        warnings = check_run(cfg, self.dims)
         meta_model = build_llama(cfg.model, "meta")
         schedule = build_schedule(p.pp_schedule, self.dims.pp, self.accum_steps, p.pp_virtual_stages)
         stage_layer_ranges(meta_model, self.dims.pp * p.pp_virtual_stages, t.seq_len)  # can the layers be split?
@@ -73,15 +77,15 @@ class Trainer:
         self.lock = OutputLock(self.output_dir)
         self._on_rank0(self.lock.acquire)
         try:
-            self._build(cfg, meta_model, schedule)
+            self._build(cfg, meta_model, schedule, warnings)
         except BaseException:
             self.lock.release(undo=True)
             raise
 
-    def _build(self, cfg: Config, meta_model: torch.nn.Module, schedule: list) -> None:
+    def _build(self, cfg: Config, meta_model: torch.nn.Module, schedule: list, notes: list[str]) -> None:
         t, p = cfg.train, cfg.parallel
         # Resume point: found and verified before anything is written to the output folder.
-        notes = self._on_rank0(lambda: ckpt.recover_interrupted_saves(self.ckpt_root)) or []
+        notes = notes + (self._on_rank0(lambda: ckpt.recover_interrupted_saves(self.ckpt_root)) or [])
         resume_from, skipped = self._find_resume_point()
         notes += skipped
         resume_record = ckpt.read_train_state(resume_from) if resume_from else None

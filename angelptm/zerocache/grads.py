@@ -115,6 +115,12 @@ class GradReducer:
             self._next -= 1
 
     def _start(self, b: PageBuffers) -> None:
+        if b.reduction is not None:
+            # This page's reduction from the previous backward (gradient accumulation) is still in
+            # flight: it happens when max_in_flight (from zero.prefetch_pages) is at least the
+            # number of pages. It must add into grad_shard before this one does, and its handle
+            # must not be dropped unwaited.
+            self._finish(b)
         bucket = b.grad_full
         if self.stage == 0:
             b.reduction = self.comm.all_reduce(bucket).then(lambda: bucket.div_(self.comm.size))

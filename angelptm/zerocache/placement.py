@@ -44,6 +44,8 @@ def in_flight_bytes(pages: list[Page], units: list[Unit], stage: int, prefetch_p
     in flight, its bucket and its receive buffer."""
     widest = max((sum(pages[i].nbytes for i in u.pages) for u in units), default=0)
     largest = max((p.nbytes for p in pages), default=0)
+    # A window longer than the model holds no more pages than there are.
+    prefetch_pages, max_in_flight = min(prefetch_pages, len(pages)), min(max_in_flight, len(pages))
     gathered = 2 * widest + prefetch_pages * largest if stage == 3 else 0
     buckets = widest + 2 * max_in_flight * largest if stage >= 2 else 0
     return gathered + buckets

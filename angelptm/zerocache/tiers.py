@@ -154,6 +154,11 @@ def _nvme_error(directory: str, e: OSError, nbytes: int) -> UserError:
             f"zero.nvme_dir={directory} has no room for {nbytes / GIB:.2f} GB of optimizer state "
             f"({os.strerror(e.errno)}); free space there or point zero.nvme_dir at a larger disk"
         )
+    if e.errno == errno.ENOENT and not os.path.isdir(os.path.dirname(os.path.abspath(directory))):
+        return UserError(
+            f"zero.nvme_dir={directory}: its parent folder {os.path.dirname(os.path.abspath(directory))} does "
+            "not exist; create it, or point zero.nvme_dir at a folder on an NVMe drive"
+        )
     return UserError(
         f"zero.nvme_dir={directory} is not a writable folder ({os.strerror(e.errno or 0)}); "
         "point zero.nvme_dir at a folder this process can write"
@@ -180,7 +185,10 @@ class NvmeFile:
         self.directory = directory
         self.nbytes = nbytes
         try:
-            os.makedirs(directory, exist_ok=True)
+            try:
+                os.mkdir(directory)  # one new folder at most: a typo in a parent must not create a tree
+            except FileExistsError:
+                pass
             path = os.path.join(directory, f"zerocache-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin")
             self._fd, self.direct = _open_direct(path)
         except OSError as e:
