@@ -286,21 +286,20 @@ def recover_interrupted_saves(ckpt_root: Path) -> list[str]:
     return done
 
 
-def newest_complete_checkpoint(ckpt_root: Path) -> tuple[Optional[Path], list[str]]:
-    """The newest step_<N> under `ckpt_root` that passes `read_train_state`, and one line for each
-    newer one skipped as incomplete or corrupt. Collective, like read_train_state."""
+def newest_complete_checkpoint(ckpt_root: Path) -> tuple[Optional[Path], Optional[dict[str, Any]], list[str]]:
+    """The newest step_<N> under `ckpt_root` that passes `read_train_state`, its record, and one
+    line for each newer one skipped as incomplete or corrupt. Collective, like read_train_state."""
     if not ckpt_root.is_dir():
-        return None, []
+        return None, None, []
     skipped = []
     steps = sorted(((step_of(p), p) for p in ckpt_root.iterdir() if p.is_dir() and step_of(p) is not None),
                    reverse=True)
     for _, path in steps:
         try:
-            read_train_state(path)
-            return path, skipped
+            return path, read_train_state(path), skipped
         except UserError as e:
             skipped.append(f"skipped {path}: {e}")
-    return None, skipped
+    return None, None, skipped
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,9 +86,8 @@ class Trainer:
         t, p = cfg.train, cfg.parallel
         # Resume point: found and verified before anything is written to the output folder.
         notes = notes + (self._on_rank0(lambda: ckpt.recover_interrupted_saves(self.ckpt_root)) or [])
-        resume_from, skipped = self._find_resume_point()
+        resume_from, resume_record, skipped = self._find_resume_point()
         notes += skipped
-        resume_record = ckpt.read_train_state(resume_from) if resume_from else None
         if resume_from:
             self._check_same_model(resume_from)
 
@@ -172,21 +171,22 @@ class Trainer:
         dataset = self._on_rank0(build)
         return dataset if self.rank == 0 else build()
 
-    def _find_resume_point(self) -> tuple[Optional[Path], list[str]]:
-        """The checkpoint to resume from, and a line for each newer one `auto` had to skip."""
+    def _find_resume_point(self) -> tuple[Optional[Path], Optional[dict[str, Any]], list[str]]:
+        """The checkpoint to resume from, its verified record, and a line for each newer one
+        `auto` had to skip."""
         resume = self.cfg.train.resume
         if resume == "never":
-            return None, []
+            return None, None, []
         if resume == "auto":
-            found, skipped = ckpt.newest_complete_checkpoint(self.ckpt_root)
+            found, record, skipped = ckpt.newest_complete_checkpoint(self.ckpt_root)
             if skipped and found is None:
                 raise UserError(f"no complete checkpoint in {self.ckpt_root} ({skipped[0]}); delete the broken "
                                 "ones or set train.resume=never")
-            return found, skipped
+            return found, record, skipped
         path = Path(resume)
         if not path.is_dir():
             raise UserError(f"train.resume={resume} does not exist; pass a step_<N> checkpoint folder, auto or never")
-        return path, []
+        return path, ckpt.read_train_state(path), []
 
     def _check_same_model(self, folder: Path) -> None:
         saved = ckpt.checkpoint_config(folder).model
