@@ -86,7 +86,7 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _all_ok(ok: bool) -> bool:
+def all_ranks_ok(ok: bool) -> bool:
     """True on every rank iff `ok` is true on every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return ok
@@ -146,7 +146,7 @@ def save_checkpoint(
     rank = _rank()
     needed = _bytes_to_write(state)
     free = shutil.disk_usage(_existing_ancestor(folder)).free
-    if not _all_ok(needed <= free):
+    if not all_ranks_ok(needed <= free):
         raise _no_space(folder, needed, free)
     error: Optional[BaseException] = None
     try:
@@ -162,7 +162,7 @@ def save_checkpoint(
         save_file(rng, str(tmp / "rng" / f"rank_{rank}.safetensors"))
     except (Exception, CheckpointException) as e:  # DCP raises on every rank alike; the rest is local
         error = e
-    if _all_ok(error is None) and rank == 0:
+    if all_ranks_ok(error is None) and rank == 0:
         try:
             save_config(cfg, tmp / "config.yaml")
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -175,7 +175,7 @@ def save_checkpoint(
                 _prune(folder.parent, keep)
         except Exception as e:
             error = e
-    if not _all_ok(error is None):
+    if not all_ranks_ok(error is None):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # older checkpoints are untouched: only a swap changes them
         if error is not None and not _is_out_of_space(error):
@@ -333,7 +333,7 @@ def read_train_state(folder: Path) -> dict[str, Any]:
             problem = f"{name} fails its checksum"
         if problem:
             break
-    if not _all_ok(problem is None):
+    if not all_ranks_ok(problem is None):
         raise dcp_safe.corrupt(folder, problem or "a file fails its checksum on another rank")
     return record
 

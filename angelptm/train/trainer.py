@@ -234,7 +234,7 @@ class Trainer:
                 stats = self.train_step()
                 self.step += 1
                 step_time = time.perf_counter() - step_start
-                preempted = self._any_rank(preemption.requested)
+                preempted = not ckpt.all_ranks_ok(not preemption.requested)  # SIGTERM on any rank
                 if self.step % t.log_every == 0 or self.step == last or preempted:
                     elapsed = time.perf_counter() - start
                     record = self._record(stats, step_time, elapsed / (self.step - first_step))
@@ -255,14 +255,6 @@ class Trainer:
         if self.step >= t.steps:
             self.lock.release()
         return record
-
-    def _any_rank(self, flag: bool) -> bool:
-        """Whether `flag` is true on any rank of the job (every rank gets the same answer)."""
-        if dist.get_world_size() == 1:
-            return flag
-        value = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over the global batch: microbatches, gradient sync, clip, update.
