@@ -31,10 +31,10 @@ def check_run(cfg: Config, dims: Optional[ParallelDims] = None) -> list[str]:
 
     Cheap and free of side effects: call it before building the model or touching the output folder.
     """
-    if dims is None:
+    if dims is None:  # a caller with dims (the Trainer) has checked the layout and the microbatches
         dims = ParallelDims.from_config(cfg.parallel, world_from_env()[2])
         validate_layout(dims, cfg)
-    cfg.grad_accum_steps(dims.dp)  # divisibility and the microbatch bound, before the schedule is built
+        cfg.grad_accum_steps(dims.dp)  # divisibility and the microbatch bound, before the schedule is built
     _check_nvme_dir(cfg)
     _check_memory(cfg, dims)
     return _warnings(cfg)
