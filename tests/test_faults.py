@@ -4,6 +4,7 @@ folder that is a file. After each, nothing done is lost and a resumed run contin
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -237,13 +238,15 @@ def wait_until(condition, seconds: float) -> bool:
     return True
 
 
-def start_torchrun(out: Path, *overrides: str) -> subprocess.Popen:
-    argv, env = cli_command("train", *cli_args(out, train={"steps": 100_000, "micro_batch": 4}), *overrides)
+def start_torchrun(out: Path, *overrides: str, steps: int = 100_000, launcher: tuple[str, ...] = (),
+                   logged: int = 2) -> subprocess.Popen:
+    """torchrun with 2 workers on the tiny config, once `logged` steps are in metrics.jsonl."""
+    argv, env = cli_command("train", *cli_args(out, train={"steps": steps, "micro_batch": 4}), *overrides)
     argv = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(free_port()), "--nproc_per_node", "2",
-            *argv[1:]]
+            *launcher, *argv[1:]]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     metrics = out / "metrics.jsonl"
-    assert wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, 120), "no training"
+    assert wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= logged, 120), "no training"
     return proc
 
 
@@ -289,6 +292,23 @@ def test_workers_die_with_their_launcher_after_a_checkpoint(tmp_path):
     assert len(names) == 1
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert names == [f"step_{last}"]
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_job_whose_rank_died_and_it_resumes_the_same_curve(tmp_path):
+    """`torchrun --max-restarts 1`: a rank killed outright, the others stop with exit 4, torchrun
+    starts the job again, and it resumes from the newest checkpoint with the losses the first
+    attempt had logged after it."""
+    out = tmp_path / "run"
+    proc = start_torchrun(out, "--set", "train.ckpt_every=5", steps=30, launcher=("--max-restarts", "1"), logged=8)
+    first_attempt = records(out)
+    os.kill(children(proc.pid)[1], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert re.search(r"resumed from \S+step_(5|10|15) at step", stderr), stderr[-3000:]
+    final = records(out)
+    assert [r["step"] for r in final] == list(range(1, 31))
+    assert [r["loss"] for r in final[: len(first_attempt)]] == [r["loss"] for r in first_attempt]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -143,11 +145,54 @@ def init_process_group(backend: str = "auto", timeout_s: float = 600.0) -> None:
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     timeout = timedelta(seconds=timeout_s)
-    if "MASTER_ADDR" in os.environ:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        die_with_launcher()
+        dist.init_process_group(backend, store=attempt_store(rank, world_size, timeout_s),
+                                rank=rank, world_size=world_size, timeout=timeout)
+    elif "MASTER_ADDR" in os.environ:
         die_with_launcher()
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def attempt_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
+    """A store of this attempt alone for the workers of a torchrun job.
+
+    torchrun's agents keep one store for the whole job, so after `--max-restarts` restarts the
+    workers the new process group would read the dead attempt's addresses left in it and hang or
+    be refused. Instead rank 0 hosts a fresh store on a free port and publishes the port in the
+    agents' store. A peer may read the previous attempt's port, but every worker of that attempt
+    was stopped before this one started, so nothing answers there: it reads again until the port
+    it reads answers, which can only be this attempt's store."""
+    addr, timeout = os.environ["MASTER_ADDR"], timedelta(seconds=timeout_s)
+    agents = dist.TCPStore(addr, int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
+    key = f"angelptm/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/store_port"
+    if rank == 0:
+        store = dist.TCPStore(addr, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+        agents.set(key, str(store.port))
+        return store
+    deadline = time.monotonic() + timeout_s
+    while True:
+        port = int(agents.get(key))
+        if _answers(addr, port):
+            try:
+                store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout, wait_for_workers=False)
+                return store
+            except dist.DistNetworkError:
+                pass
+        if time.monotonic() > deadline:
+            raise dist.DistNetworkError(f"rank {rank} found no store of this attempt at {addr}; rank 0 never published one")
+        time.sleep(0.1)
+
+
+def _answers(addr: str, port: int) -> bool:
+    """Whether anything listens on addr:port (a plain probe: a store client would retry and log)."""
+    try:
+        with socket.create_connection((addr, port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def die_with_launcher() -> None:
