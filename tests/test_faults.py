@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from angelptm.distributed.mesh import listening
 from angelptm.distributed.spawn import free_port
 from angelptm.errors import UserError
 from angelptm.train import checkpoint as ckpt
-from angelptm.train.faults import TrainingStopped
+from angelptm.train.faults import TrainingStopped, collective_failure
 from angelptm.train.trainer import Trainer
 
 from conftest import REPO, cli_command, one_line, run_cli, start_cli, tiny_config as tiny, tiny_sections
@@ -250,6 +251,16 @@ def start_torchrun(out: Path, *overrides: str, steps: int = 100_000, launcher: t
     return proc
 
 
+def test_a_collective_failure_is_named_by_what_happened():
+    refused = "Gloo connectFullMesh failed with [pair.cc:152] timed out connecting: SO_ERROR: Connection refused"
+    assert "could not connect to a peer" in collective_failure(RuntimeError(refused), 600)
+    stalled = "[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 3000ms for recv operation to complete"
+    assert "waited longer than parallel.timeout_s=3 s" in collective_failure(RuntimeError(stalled), 3)
+    closed = "[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242"
+    assert "lost its connection to a peer" in collective_failure(RuntimeError(closed), 3)
+    assert collective_failure(ValueError("shapes (4, 8) and (3, 8) do not match"), 3) is None
+
+
 @pytest.mark.slow
 def test_a_stalled_rank_ends_every_rank_with_one_line_after_the_timeout(tmp_path):
     proc = start_torchrun(tmp_path / "run", "--set", "parallel.timeout_s=3")
@@ -306,6 +317,46 @@ def test_torchrun_restarts_a_job_whose_rank_died_and_it_resumes_the_same_curve(t
     _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 0, stderr[-3000:]
     assert re.search(r"resumed from \S+step_(5|10|15) at step", stderr), stderr[-3000:]
+    final = records(out)
+    assert [r["step"] for r in final] == list(range(1, 31))
+    assert [r["loss"] for r in final[: len(first_attempt)]] == [r["loss"] for r in first_attempt]
+
+
+@pytest.mark.slow
+def test_a_two_node_job_survives_the_death_of_a_node(tmp_path):
+    """Two torchrun "nodes" meeting over c10d rendezvous, one worker each. Node 1 dies outright
+    (agent and worker killed), then comes back: node 0's worker stops with exit 4, its agent
+    restarts it, the two meet again and resume from the newest checkpoint on the same curve.
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as the README says: with torchrun's shared store a
+    node that rejoins as a new agent waits forever for the rendezvous' bootstrap address."""
+    out, port = tmp_path / "run", free_port()
+    argv, env = cli_command("train", *cli_args(out, train={"steps": 30, "micro_batch": 4, "ckpt_every": 5}))
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+
+    def start_node() -> subprocess.Popen:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "job",
+                    "--max-restarts", "1"]
+        return subprocess.Popen(launcher + argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, cwd=REPO, start_new_session=True)
+
+    node0 = start_node()  # first, so that it hosts the rendezvous and outlives node 1
+    assert wait_until(lambda: listening("127.0.0.1", port), 60)
+    node1 = start_node()
+    metrics = out / "metrics.jsonl"
+    assert wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 8, 120), "no training"
+    first_attempt = records(out)
+    workers = children(node1.pid)
+    os.kill(node1.pid, signal.SIGSTOP)  # the agent must not see its worker die and react
+    for pid in workers.values():
+        os.kill(pid, signal.SIGKILL)
+    node1.kill()
+    node1.communicate()
+    node1 = start_node()
+    _, stderr1 = node1.communicate(timeout=240)
+    _, stderr0 = node0.communicate(timeout=60)
+    assert node0.returncode == 0 and node1.returncode == 0, stderr0[-3000:] + stderr1[-3000:]
+    assert re.search(r"resumed from \S+step_(5|10|15) at step", stderr0), stderr0[-3000:]
     final = records(out)
     assert [r["step"] for r in final] == list(range(1, 31))
     assert [r["loss"] for r in final[: len(first_attempt)]] == [r["loss"] for r in first_attempt]

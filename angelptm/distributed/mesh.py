@@ -175,7 +175,7 @@ def attempt_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
     deadline = time.monotonic() + timeout_s
     while True:
         port = int(agents.get(key))
-        if _answers(addr, port):
+        if listening(addr, port):
             try:
                 store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout, wait_for_workers=False)
                 return store
@@ -186,7 +186,7 @@ def attempt_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
         time.sleep(0.1)
 
 
-def _answers(addr: str, port: int) -> bool:
+def listening(addr: str, port: int) -> bool:
     """Whether anything listens on addr:port (a plain probe: a store client would retry and log)."""
     try:
         with socket.create_connection((addr, port), timeout=2):

@@ -146,7 +146,8 @@ class SkipCounter:
 
 # What gloo and NCCL say when a peer stalls past the timeout or its connection goes away.
 _TIMEOUT_WORDS = ("timeout", "timed out")
-_LOST_PEER_WORDS = ("connection closed", "connection reset", "broken pipe", "pair closure", "nccl", "socket")
+_REFUSED_WORDS = ("connection refused",)  # a peer that is not (or no longer) there while the group forms
+_LOST_PEER_WORDS = _REFUSED_WORDS + ("connection closed", "connection reset", "broken pipe", "pair closure", "nccl", "socket")
 
 
 def collective_failure(exc: BaseException, timeout_s: float) -> Optional[str]:
@@ -161,7 +162,9 @@ def collective_failure(exc: BaseException, timeout_s: float) -> Optional[str]:
     # The innermost calls of ours say which step of training waited (a reduction, a gather, ...).
     path = " < ".join(f"{f.name} ({Path(f.filename).name}:{f.lineno})" for f in reversed(ours[-3:]))
     where = f" in {path}" if path else ""
-    if any(word in text for word in _TIMEOUT_WORDS):
+    if any(word in text for word in _REFUSED_WORDS):
+        why = "could not connect to a peer"
+    elif any(word in text for word in _TIMEOUT_WORDS):
         why = f"waited longer than parallel.timeout_s={timeout_s:g} s"
     else:
         why = "lost its connection to a peer"
