@@ -1,6 +1,6 @@
 """Preflight: refuse a training run that cannot work on this machine, before anything is built or written.
 
-`angelptm.config.validate` checks what holds on any machine (and so also for `angelptm plan`);
+`angelptm.config_validation.validate` checks what holds on any machine (and so also for `angelptm plan`);
 this checks what depends on the machine the run starts on: the planner's memory estimate per
 rank (`angelptm.planning`: parameters, gradients, optimizer state, activations, buffers) against
 this host's RAM on CPU or this GPU's memory, and the NVMe folder. It is arithmetic on the config,
@@ -23,6 +23,7 @@ from angelptm.planning.hardware import Hardware
 from angelptm.planning.layout import layout_from_config
 from angelptm.planning.memory import GIB, Memory, memory
 from angelptm.planning.model import ANGELPTM, model_shape
+from angelptm.zerocache.tiers import nvme_dir_problem
 
 
 def check_run(cfg: Config, dims: Optional[ParallelDims] = None) -> list[str]:
@@ -142,17 +143,10 @@ def _what_to_lower(cfg: Config, dims: ParallelDims, mem: Memory, capacity: float
 
 
 def _check_nvme_dir(cfg: Config) -> None:
-    """The NVMe folder must exist or be creatable as one new folder: a typo in a parent would
-    otherwise create a tree of folders, likely on the wrong disk."""
     z = cfg.zero
-    if z.offload_optimizer != "nvme" or z.nvme_dir is None:
-        return
-    folder = Path(z.nvme_dir)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"zero.nvme_dir={z.nvme_dir} is a file, not a folder; point zero.nvme_dir at a folder on an NVMe drive")
-    if not folder.exists() and not folder.absolute().parent.is_dir():
-        raise ConfigError(f"zero.nvme_dir={z.nvme_dir}: its parent folder {folder.absolute().parent} does not exist; "
-                          "create it, or point zero.nvme_dir at a folder on an NVMe drive")
+    problem = z.offload_optimizer == "nvme" and z.nvme_dir is not None and nvme_dir_problem(z.nvme_dir)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _warnings(cfg: Config) -> list[str]:

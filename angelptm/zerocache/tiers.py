@@ -148,17 +148,26 @@ class IoRequest:
             self._futures = []
 
 
+def nvme_dir_problem(directory: str) -> Optional[str]:
+    """Why `directory` cannot hold NVMe pages, or None: it must be a folder, or one new folder in an
+    existing parent (a typo in a parent would otherwise create a tree, likely on the wrong disk)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        return f"zero.nvme_dir={directory} is a file, not a folder; point zero.nvme_dir at a folder on an NVMe drive"
+    parent = os.path.dirname(os.path.abspath(directory))
+    if not os.path.exists(directory) and not os.path.isdir(parent):
+        return (f"zero.nvme_dir={directory}: its parent folder {parent} does not exist; "
+                "create it, or point zero.nvme_dir at a folder on an NVMe drive")
+    return None
+
+
 def _nvme_error(directory: str, e: OSError, nbytes: int) -> UserError:
     if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return UserError(
             f"zero.nvme_dir={directory} has no room for {nbytes / GIB:.2f} GB of optimizer state "
             f"({os.strerror(e.errno)}); free space there or point zero.nvme_dir at a larger disk"
         )
-    if e.errno == errno.ENOENT and not os.path.isdir(os.path.dirname(os.path.abspath(directory))):
-        return UserError(
-            f"zero.nvme_dir={directory}: its parent folder {os.path.dirname(os.path.abspath(directory))} does "
-            "not exist; create it, or point zero.nvme_dir at a folder on an NVMe drive"
-        )
+    if e.errno in (errno.ENOENT, errno.ENOTDIR) and nvme_dir_problem(directory):
+        return UserError(nvme_dir_problem(directory))
     return UserError(
         f"zero.nvme_dir={directory} is not a writable folder ({os.strerror(e.errno or 0)}); "
         "point zero.nvme_dir at a folder this process can write"

@@ -1,0 +1,153 @@
+"""The rules a run configuration must meet: ranges, combinations, the limits of what torch can
+index, and the derived defaults (`validate`). Each broken rule is one `ConfigError` line naming
+the dotted key and the fix. What depends on the machine (memory, folders) is the trainer's
+preflight's to check (`angelptm.train.preflight`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from angelptm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from angelptm.config import Config, ModelConfig
+
+MAX_TENSOR_NUMEL = 2**63 // 4  # torch sizes a float32 tensor's bytes in an int64 ("Storage size ... overflowed")
+MAX_SAMPLES = 2**63 - 1  # sample g = step · global_batch + row is an int64 index (data.sampler)
+# Every microbatch of a step is an action in the pipeline schedule's lists, built before the first
+# step (~30 µs each on one core): 65536 build in ~2 s. Real jobs use hundreds.
+MAX_MICROBATCHES = 2**16
+MIN_PAGE_MB = 1024 * 4 / 2**20  # one aligned shard: zerocache.pages.SHARD_ALIGN_NUMEL float32 elements
+MAX_AMAX_HISTORY = 2**16  # each FP8 operand keeps, and rotates every step, a float32 history this long
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(cfg: Any, section: str, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        _check(value > 0, f"{section}.{name}={value} must be positive")
+
+
+def _resolve_model(m: ModelConfig) -> None:
+    _positive(m, "model", "dim", "n_layers", "n_heads", "vocab_size", "max_seq_len")
+    if m.n_kv_heads is None:
+        m.n_kv_heads = m.n_heads
+    if m.ffn_dim is None:
+        m.ffn_dim = 4 * m.dim if m.arch == "gpt" else 64 * math.ceil(8 * m.dim / 3 / 64)
+    _positive(m, "model", "n_kv_heads", "ffn_dim", "rope_theta", "norm_eps")
+    _check(
+        m.dim % m.n_heads == 0,
+        f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; pick n_heads dividing dim",
+    )
+    _check(
+        (m.dim // m.n_heads) % 2 == 0,
+        f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even for rotary embeddings",
+    )
+    _check(
+        m.n_heads % m.n_kv_heads == 0,
+        f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+        "pick n_kv_heads dividing n_heads",
+    )
+    # The largest weight: the embedding / output head (vocab × dim), a projection (dim × dim) or
+    # an MLP matrix (ffn × dim). Memory for the whole model is the trainer's preflight's to check.
+    other, name = max((m.vocab_size, "model.vocab_size"), (m.dim, "model.dim"), (m.ffn_dim, "model.ffn_dim"))
+    _check(
+        m.dim * other <= MAX_TENSOR_NUMEL,
+        f"model.dim={m.dim} × {name}={other} = {m.dim * other:.3g} elements in one weight, more than a "
+        f"tensor can hold ({MAX_TENSOR_NUMEL:.3g}); lower " + ("model.dim" if name == "model.dim" else f"{name} or model.dim"),
+    )
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and combinations, fill the derived defaults, and return `cfg`."""
+    _resolve_model(cfg.model)
+    p = cfg.parallel
+    _positive(p, "parallel", "tp", "pp", "cp", "pp_virtual_stages")
+    _check(p.dp == "auto" or p.dp > 0, f"parallel.dp={p.dp} must be positive or auto")
+    f8 = cfg.precision.fp8
+    _check(0 < f8.amax_history <= MAX_AMAX_HISTORY, f"precision.fp8.amax_history={f8.amax_history} must lie "
+           f"between 1 and {MAX_AMAX_HISTORY} steps (Transformer Engine's default is 1024, ours 16)")
+    z = cfg.zero
+    _check(0 <= z.stage <= 3, f"zero.stage={z.stage} must be 0, 1, 2 or 3")
+    _check(
+        not f8.fp8_all_gather or (f8.enabled and z.stage == 3 and f8.recipe in ("tensorwise", "rowwise")),
+        "precision.fp8.fp8_all_gather=true gathers stage-3 weights in FP8; it needs precision.fp8.enabled=true, "
+        f"zero.stage=3 (got {z.stage}) and precision.fp8.recipe tensorwise or rowwise (got {f8.recipe})",
+    )
+    _check(
+        z.page_mb >= MIN_PAGE_MB,
+        f"zero.page_mb={z.page_mb:g} is smaller than one aligned shard (1024 float32 elements, 4 KiB); "
+        f"set zero.page_mb to at least {MIN_PAGE_MB} (the default is 32)",
+    )
+    _check(z.prefetch_pages >= 0, f"zero.prefetch_pages={z.prefetch_pages} must be >= 0")
+    _check(
+        z.offload_params == "none" or z.stage == 3,
+        f"zero.offload_params={z.offload_params} needs sharded parameters; set zero.stage=3",
+    )
+    _check(
+        z.offload_params != "nvme",
+        "zero.offload_params=nvme is not supported (stage-3 parameters live on device or host); "
+        "use zero.offload_params=cpu",
+    )
+    _check(
+        z.offload_optimizer != "nvme" or z.nvme_dir is not None,
+        "zero.offload_optimizer=nvme needs a folder; set zero.nvme_dir=/path/on/nvme",
+    )
+    _check(
+        z.device_budget_gb is None or z.device_budget_gb > 0,
+        f"zero.device_budget_gb={z.device_budget_gb} must be positive or null",
+    )
+    o = cfg.optim
+    _positive(o, "optim", "lr", "eps")
+    _check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must lie between 0 and optim.lr={o.lr}")
+    _check(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]",
+    )
+    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _check(o.grad_clip is None or o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    d = cfg.data
+    _check(
+        d.source not in ("text", "tokens") or d.path is not None,
+        f"data.source={d.source} reads a file or folder; set data.path=/path/to/it",
+    )
+    _check(
+        d.source in ("text", "tokens") or d.path is None,
+        f"data.path={d.path} is read only by data.source text or tokens, not {d.source}; set data.source "
+        "or drop data.path",
+    )
+    _check(d.seed >= 0, f"data.seed={d.seed} must be >= 0")
+    t = cfg.train
+    _positive(t, "train", "steps", "global_batch", "micro_batch", "seq_len", "log_every")
+    _check(t.ckpt_every >= 0, f"train.ckpt_every={t.ckpt_every} must be >= 0 (0: only at the end)")
+    _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
+    _check(cfg.parallel.timeout_s > 0, f"parallel.timeout_s={cfg.parallel.timeout_s} must be positive (seconds)")
+    _check(t.max_skipped_steps >= 1, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")
+    _check(t.sample_tokens >= 0, f"train.sample_tokens={t.sample_tokens} must be >= 0")
+    _check(
+        t.seq_len <= cfg.model.max_seq_len,
+        f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+        "raise model.max_seq_len or lower train.seq_len",
+    )
+    _check(
+        t.global_batch % t.micro_batch == 0,
+        f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch="
+        f"{t.micro_batch}; set train.global_batch to a multiple of {t.micro_batch}",
+    )
+    _check(
+        t.steps * t.global_batch <= MAX_SAMPLES,
+        f"train.steps × train.global_batch = {t.steps} × {t.global_batch} sequences overflow a 64-bit "
+        "sample index; lower train.global_batch or train.steps",
+    )
+    _check(
+        t.resume in ("auto", "never") or bool(t.resume),
+        "train.resume must be auto, never or the path of a checkpoint folder",
+    )
+    return cfg
