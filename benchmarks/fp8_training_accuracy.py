@@ -84,11 +84,11 @@ def final(curve: list[float]) -> float:
 
 
 def steps_behind(curve: list[float], reference: list[float]) -> int:
-    """How many steps before the end the reference's 10-step mean loss was already as low as
-    `curve`'s final one (negative: `curve` ends lower than the reference ever got)."""
+    """How many steps before its end the reference's 10-step mean loss last fell to `curve`'s final
+    one (-1: `curve` ends lower than the reference does). Meaningful while the loss still falls."""
     ref = [statistics.fmean(reference[i - LAST : i]) for i in range(LAST, len(reference) + 1)]
-    reached = [i for i, loss in enumerate(ref) if loss <= final(curve)]
-    return len(ref) - 1 - reached[0] if reached else -1
+    above = [i for i, loss in enumerate(ref) if loss > final(curve)]
+    return len(ref) - 2 - above[-1] if above else len(ref) - 1
 
 
 def tabulate(steps: int, curves: dict[str, dict[str, list[float]]]) -> dict:
