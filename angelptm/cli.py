@@ -1,4 +1,4 @@
-"""The `angelptm` command: train, plan, generate, import-hf, export-hf.
+"""The `angelptm` command: train, plan, generate, prepare, import-hf, export-hf.
 
 Bad input surfaces as `UserError`: one line on stderr, exit status 2, no traceback. Anything else
 is a bug and keeps its traceback.
@@ -41,12 +41,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _print_sample(checkpoint: Path, prompt: str, max_new_tokens: int, temperature: float,
                   top_k: Optional[int] = 50, seed: int = 0, device: str = "cpu") -> None:
+    from angelptm.data.tokenizers import load_tokenizer
     from angelptm.generate import generate_text
     from angelptm.train.checkpoint import load_model, resolve_checkpoint
 
     folder = resolve_checkpoint(checkpoint)
     cfg, model = load_model(folder, device)
-    text = generate_text(model, prompt, max_new_tokens, cfg.model.max_seq_len, temperature, top_k, seed)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    text = generate_text(model, prompt, max_new_tokens, cfg.model.max_seq_len, temperature, top_k, seed, tokenizer)
     print(f"--- sample from {folder} (temperature {temperature}) ---")
     print(text)
 
@@ -65,6 +67,13 @@ def _plan(argv: list[str]) -> int:
     from angelptm.plan import plan_main
 
     return plan_main(argv)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from angelptm.data.prepare import prepare
+
+    print(prepare(args.inputs, args.tokenizer, args.out, args.field, args.workers, args.skip_bad))
+    return 0
 
 
 def _import_hf(args: argparse.Namespace) -> int:
@@ -103,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(run=_generate)
+
+    prep = sub.add_parser("prepare", help="tokenize .txt / .jsonl(.gz/.zst) / .parquet files into a token file")
+    prep.add_argument("inputs", nargs="+", metavar="INPUT", help="files, or folders of them (read recursively)")
+    prep.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer folder, a tokenizer.json, or byte")
+    prep.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin + PREFIX.json")
+    prep.add_argument("--field", default="text", help="the jsonl key / parquet column holding the text")
+    prep.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per core)")
+    prep.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed lines instead of stopping")
+    prep.set_defaults(run=_prepare)
 
     imp = sub.add_parser("import-hf", help="convert a Hugging Face Llama folder into a checkpoint")
     imp.add_argument("hf_dir")

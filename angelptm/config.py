@@ -91,12 +91,27 @@ class OptimConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
 
 
+DataSource = Literal["stdlib", "text", "tokens", "megatron", "synthetic"]
+
+
+@dataclass
+class BlendSourceConfig:
+    """One entry of `data.sources` or of a `data.valid` blend."""
+
+    path: Optional[str] = None
+    weight: float = 1.0  # relative: the weights of a blend are normalised to sum to 1
+    source: DataSource = "tokens"
+
+
 @dataclass
 class DataConfig:
-    source: Literal["stdlib", "text", "tokens", "synthetic"] = "stdlib"
+    source: DataSource = "stdlib"
     path: Optional[str] = None
-    tokenizer: Literal["byte"] = "byte"
+    tokenizer: str = "byte"  # byte, or a Hugging Face tokenizer folder / tokenizer.json
     seed: int = 0
+    sources: list[BlendSourceConfig] = field(default_factory=list)  # a weighted blend instead of source/path
+    valid: Optional[Union[str, list[BlendSourceConfig]]] = None  # a token file (or Megatron) prefix, or a blend
+    valid_fraction: float = 0.0  # else hold out this fraction of the training documents
 
 
 @dataclass
@@ -118,6 +133,8 @@ class TrainConfig:
     sample_prompt: str = "def "
     sample_tokens: int = 160  # generated after training; 0: none
     max_skipped_steps: int = 10  # consecutive non-finite steps before the run stops (exit 3)
+    eval_every: int = 0  # steps between validation passes; 0: none
+    eval_batches: int = 8  # global batches per validation pass
 
 
 @dataclass

@@ -34,6 +34,27 @@ def _positive(cfg: Any, section: str, *names: str) -> None:
         _check(value > 0, f"{section}.{name}={value} must be positive")
 
 
+PATH_SOURCES = ("text", "tokens", "megatron")  # the data sources that read data.path
+
+
+def _check_source(source: str, path: Any, source_key: str, path_key: str) -> None:
+    _check(source not in PATH_SOURCES or path is not None,
+           f"{source_key}={source} reads a file or folder; set {path_key}=/path/to/it")
+    _check(source in PATH_SOURCES or path is None,
+           f"{path_key}={path} is read only by {source_key} {', '.join(PATH_SOURCES)}, not {source}; "
+           f"set {source_key} or drop {path_key}")
+
+
+def _check_blend(entries: list, key: str) -> None:
+    seen: dict[tuple, int] = {}
+    for i, entry in enumerate(entries):
+        _check_source(entry.source, entry.path, f"{key}[{i}].source", f"{key}[{i}].path")
+        _check(entry.weight > 0, f"{key}[{i}].weight={entry.weight} must be positive (weights are relative)")
+        first = seen.setdefault((entry.source, entry.path), i)
+        _check(first == i, f"{key}[{i}] repeats {key}[{first}] ({entry.source} {entry.path}); "
+                           "keep one entry and add up their weights")
+
+
 def _resolve_model(m: ModelConfig) -> None:
     _positive(m, "model", "dim", "n_layers", "n_heads", "vocab_size", "max_seq_len")
     if m.n_kv_heads is None:
@@ -114,15 +135,19 @@ def validate(cfg: Config) -> Config:
     _check(o.grad_clip is None or o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0")
     _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     d = cfg.data
-    _check(
-        d.source not in ("text", "tokens") or d.path is not None,
-        f"data.source={d.source} reads a file or folder; set data.path=/path/to/it",
-    )
-    _check(
-        d.source in ("text", "tokens") or d.path is None,
-        f"data.path={d.path} is read only by data.source text or tokens, not {d.source}; set data.source "
-        "or drop data.path",
-    )
+    if d.sources:
+        _check(d.source == "stdlib" and d.path is None,
+               "data.sources is a blend that replaces data.source and data.path; drop those two")
+        _check_blend(d.sources, "data.sources")
+    else:
+        _check_source(d.source, d.path, "data.source", "data.path")
+    if isinstance(d.valid, list):
+        _check(bool(d.valid), "data.valid=[] names no validation data; drop it or list sources as in data.sources")
+        _check_blend(d.valid, "data.valid")
+    _check(0 <= d.valid_fraction < 1, f"data.valid_fraction={d.valid_fraction} must lie in [0, 1)")
+    _check(d.valid is None or d.valid_fraction == 0,
+           "data.valid and data.valid_fraction both name validation data; keep one")
+    _check(bool(d.tokenizer), "data.tokenizer is empty; set it to byte or to a Hugging Face tokenizer folder")
     _check(d.seed >= 0, f"data.seed={d.seed} must be >= 0")
     t = cfg.train
     _positive(t, "train", "steps", "global_batch", "micro_batch", "seq_len", "log_every")
@@ -131,6 +156,10 @@ def validate(cfg: Config) -> Config:
     _check(cfg.parallel.timeout_s > 0, f"parallel.timeout_s={cfg.parallel.timeout_s} must be positive (seconds)")
     _check(t.max_skipped_steps >= 1, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")
     _check(t.sample_tokens >= 0, f"train.sample_tokens={t.sample_tokens} must be >= 0")
+    _check(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0: no validation)")
+    _check(t.eval_batches >= 1, f"train.eval_batches={t.eval_batches} must be >= 1")
+    _check(t.eval_every == 0 or d.valid is not None or d.valid_fraction > 0,
+           f"train.eval_every={t.eval_every} needs validation data; set data.valid or data.valid_fraction")
     _check(
         t.seq_len <= cfg.model.max_seq_len,
         f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "

@@ -44,9 +44,10 @@ def generate_ids(model: nn.Module, prompt: list[int], max_new_tokens: int, conte
 
 
 def generate_text(model: nn.Module, prompt: str, max_new_tokens: int, context: int,
-                  temperature: float = 0.8, top_k: Optional[int] = 50, seed: int = 0) -> str:
-    """The prompt followed by the model's continuation, decoded with the byte tokenizer."""
-    tok = ByteTokenizer()
-    prompt_ids = tok.encode(prompt, bos=True, eos=False)
+                  temperature: float = 0.8, top_k: Optional[int] = 50, seed: int = 0, tokenizer=None) -> str:
+    """The prompt followed by the model's continuation, decoded with `tokenizer` (default: bytes)."""
+    tok = tokenizer or ByteTokenizer()
+    # A tokenizer that starts texts with no BOS (GPT-2 style) starts from the document separator.
+    prompt_ids = tok.encode(prompt, bos=True, eos=False) or [tok.eos_id]
     ids = generate_ids(model, prompt_ids, max_new_tokens, context, temperature, top_k, seed, stop_id=tok.eos_id)
     return tok.decode(ids)

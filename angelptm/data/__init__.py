@@ -1,40 +1,114 @@
-"""Data for training: a byte tokenizer, memory-mapped token files, the four sources, a stateless sampler.
+"""Data for training: a byte tokenizer, memory-mapped token files, the sources, blends, a stateless sampler.
 
-The trainer calls `build_dataset(cfg.data, cfg.train.seq_len, cfg.model.vocab_size)` and wraps
-the result in `TokenSampler(dataset, seq_len, global_batch, seed=cfg.data.seed)`.
+The trainer calls `build_datasets(cfg.data, cfg.train.seq_len, cfg.model.vocab_size)` for the training
+and validation data and wraps each in `build_sampler(data, seq_len, global_batch, seed=cfg.data.seed)`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional, Union
+
 from angelptm.config import DataConfig
+from angelptm.data.blend import Blend, BlendSampler
 from angelptm.data.builder import TokenDataset, TokenFile, build_token_file, cached_token_file, list_documents
+from angelptm.data.holdout import hold_out
+from angelptm.data.megatron import MegatronDataset, megatron_dataset
 from angelptm.data.sampler import TokenSampler, count_windows
 from angelptm.data.sources import cache_dir, stdlib_dataset, synthetic_dataset, text_dataset, tokens_dataset
 from angelptm.data.tokenizer import ByteTokenizer
+from angelptm.data.tokenizers import Tokenizer, load_tokenizer
 from angelptm.errors import UserError
 
 
-def build_dataset(data_cfg: DataConfig, seq_len: int, vocab_size: int) -> TokenDataset:
-    """The token stream `data_cfg` names, checked against the model's vocabulary and the sequence length."""
-    if data_cfg.source == "stdlib":
-        dataset = stdlib_dataset()
-    elif data_cfg.source == "text":
-        dataset = text_dataset(data_cfg.path)
-    elif data_cfg.source == "tokens":
-        dataset = tokens_dataset(data_cfg.path)
-    else:
-        dataset = synthetic_dataset(data_cfg.seed, vocab_size=vocab_size)
-    if dataset.vocab_size > vocab_size:
-        raise UserError(
-            f"model.vocab_size={vocab_size} is smaller than the {dataset.tokenizer} tokenizer's "
-            f"{dataset.vocab_size} ids in {dataset.name}; set model.vocab_size={dataset.vocab_size} or more"
-        )
-    count_windows(dataset, seq_len)
+def open_source(source: str, path: Optional[str], seed: int, vocab_size: int,
+                tokenizer: Optional[Tokenizer] = None) -> TokenDataset:
+    """The token stream of one data source (`data.source` + `data.path`, or one entry of a blend);
+    `tokenizer` (default: bytes) tokenizes the stdlib and text sources."""
+    if source == "stdlib":
+        return stdlib_dataset(tokenizer=tokenizer)
+    if source == "text":
+        return text_dataset(path, tokenizer)
+    if source == "tokens":
+        return tokens_dataset(path)
+    if source == "megatron":
+        return megatron_dataset(path)
+    return synthetic_dataset(seed, vocab_size=vocab_size)
+
+
+def _checked(dataset: Union[TokenDataset, Blend], seq_len: int, vocab_size: int) -> Union[TokenDataset, Blend]:
+    for part in dataset.datasets if isinstance(dataset, Blend) else [dataset]:
+        if part.vocab_size > vocab_size:
+            raise UserError(
+                f"model.vocab_size={vocab_size} is smaller than the {part.tokenizer} tokenizer's "
+                f"{part.vocab_size} ids in {part.name}; set model.vocab_size={part.vocab_size} or more"
+            )
+        count_windows(part, seq_len)
     return dataset
 
 
+def _exists(path: str) -> bool:
+    """Whether `path` names a file or folder, or is the prefix of one (PREFIX.bin, .json, .idx)."""
+    where = Path(path).expanduser()
+    return where.exists() or any(where.with_name(where.name + s).exists() for s in (".bin", ".json", ".idx"))
+
+
+def _open(entries: Union[str, list], key: str, seed: int, vocab_size: int,
+          tokenizer: Optional[Tokenizer] = None) -> Union[TokenDataset, Blend]:
+    """A `data.valid` prefix (a Megatron pair if PREFIX.idx is there, else a token file) or a blend list."""
+    if isinstance(entries, str):
+        if not _exists(entries):
+            raise UserError(f"{key}={entries} does not exist; pass the prefix of a token file (PREFIX.bin + "
+                            "PREFIX.json) or of a Megatron-LM pair (PREFIX.bin + PREFIX.idx)")
+        prefix = Path(entries).expanduser()
+        is_megatron = prefix.with_name(prefix.name + ".idx").exists() or prefix.suffix == ".idx"
+        return open_source("megatron" if is_megatron else "tokens", entries, seed, vocab_size)
+    for i, entry in enumerate(entries):
+        if entry.path is not None and not _exists(entry.path):
+            raise UserError(f"{key}[{i}].path={entry.path} does not exist; point it at the {entry.source} data "
+                            "(a file, folder or PREFIX of PREFIX.bin)")
+    return Blend([open_source(e.source, e.path, seed, vocab_size, tokenizer) for e in entries],
+                 [e.weight for e in entries])
+
+
+def build_datasets(data_cfg: DataConfig, seq_len: int,
+                   vocab_size: int) -> tuple[Union[TokenDataset, Blend], Optional[Union[TokenDataset, Blend]]]:
+    """(training data, validation data or None) as `data_cfg` names them, checked against the model's
+    vocabulary and the sequence length; `data.valid_fraction` splits the training documents."""
+    tokenizer = load_tokenizer(data_cfg.tokenizer)
+    if data_cfg.tokenizer != "byte" and tokenizer.vocab_size > vocab_size:
+        raise UserError(f"model.vocab_size={vocab_size} is smaller than data.tokenizer={data_cfg.tokenizer}'s "
+                        f"{tokenizer.vocab_size} ids; set model.vocab_size={tokenizer.vocab_size} or more")
+    if data_cfg.sources:
+        train = _open(data_cfg.sources, "data.sources", data_cfg.seed, vocab_size, tokenizer)
+    else:
+        train = open_source(data_cfg.source, data_cfg.path, data_cfg.seed, vocab_size, tokenizer)
+    valid = None if data_cfg.valid is None else _open(data_cfg.valid, "data.valid", data_cfg.seed, vocab_size,
+                                                      tokenizer)
+    if data_cfg.valid_fraction > 0:
+        parts = train.datasets if isinstance(train, Blend) else [train]
+        kept, held = zip(*(hold_out(part, data_cfg.valid_fraction) for part in parts))
+        train, valid = (Blend(kept, train.weights), Blend(held, train.weights)) if isinstance(train, Blend) \
+            else (kept[0], held[0])
+    return _checked(train, seq_len, vocab_size), None if valid is None else _checked(valid, seq_len, vocab_size)
+
+
+def build_dataset(data_cfg: DataConfig, seq_len: int, vocab_size: int) -> Union[TokenDataset, Blend]:
+    """The training data `data_cfg` names (see `build_datasets`)."""
+    return build_datasets(data_cfg, seq_len, vocab_size)[0]
+
+
+def build_sampler(dataset: Union[TokenDataset, Blend], seq_len: int, global_batch: int,
+                  seed: int) -> Union[TokenSampler, BlendSampler]:
+    """The sampler that reads `dataset`'s windows for each step, a blend's by weight."""
+    if isinstance(dataset, Blend):
+        return BlendSampler(dataset, seq_len, global_batch, seed)
+    return TokenSampler(dataset, seq_len, global_batch, seed)
+
+
 __all__ = [
-    "ByteTokenizer", "TokenDataset", "TokenFile", "TokenSampler", "build_dataset", "build_token_file",
-    "cache_dir", "cached_token_file", "list_documents", "stdlib_dataset", "synthetic_dataset",
+    "Blend", "BlendSampler", "ByteTokenizer", "MegatronDataset", "TokenDataset", "TokenFile", "TokenSampler",
+    "build_dataset", "build_datasets", "build_sampler", "build_token_file", "cache_dir", "cached_token_file",
+    "hold_out", "list_documents", "load_tokenizer", "megatron_dataset", "open_source", "stdlib_dataset", "synthetic_dataset",
     "text_dataset", "tokens_dataset",
 ]

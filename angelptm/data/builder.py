@@ -9,6 +9,7 @@ Each is written under a temporary name and renamed into place, so a crash never 
 file, and a reader that catches the pair mid-replacement sees a checksum mismatch, never wrong tokens.
 `TokenFile` checks size and checksum on open; `cached_token_file` rebuilds a cache that is missing,
 corrupt, truncated or built from other sources.
+`token_file_writer` is the one writer of the format; `angelptm prepare` (prepare.py) writes through it too.
 """
 
 from __future__ import annotations
@@ -33,14 +34,19 @@ PathLike = Union[str, os.PathLike]
 
 
 class TokenDataset:
-    """A flat stream of token ids, with what identifies it: a checksum of the ids and the vocabulary size."""
+    """A flat stream of token ids, with what identifies it: a checksum of the ids and the vocabulary size.
 
-    def __init__(self, tokens: np.ndarray, vocab_size: int, tokenizer: str, checksum: str, name: str):
+    `doc_offsets` are the positions where its documents start (one document unless told otherwise).
+    """
+
+    def __init__(self, tokens: np.ndarray, vocab_size: int, tokenizer: str, checksum: str, name: str,
+                 doc_offsets: Optional[Sequence[int]] = None):
         self.tokens = tokens
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
         self.checksum = checksum
         self.name = name
+        self.doc_offsets = [0] if doc_offsets is None else doc_offsets
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -90,9 +96,8 @@ class TokenFile(TokenDataset):
         digest = checksum(tokens)
         if digest != expected_checksum:
             raise UserError(f"token file {bin_path} does not match the checksum in its index; {fix}")
-        super().__init__(tokens, vocab_size, tokenizer, digest, name=str(prefix))
+        super().__init__(tokens, vocab_size, tokenizer, digest, name=str(prefix), doc_offsets=doc_offsets)
         self.prefix = Path(prefix)
-        self.doc_offsets: list[int] = doc_offsets
         self.source_fingerprint = fingerprint
 
 
@@ -148,36 +153,44 @@ def _atomic_write(path: Path) -> Iterator:
         raise
 
 
-def _write_token_file(files: Sequence[Path], prefix: Path, tokenizer, fingerprint: str) -> TokenFile:
-    if not files:
-        raise UserError(f"no files to tokenize into {prefix}; pass text files or folders that hold some")
+class TokenFileWriter:
+    """Appends token ids to a new token file; `token_file_writer` makes the pair appear on success only."""
+
+    def __init__(self, out, vocab_size: int):
+        self._out = out
+        self.dtype = token_dtype(vocab_size)
+        self.digest = hashlib.sha256()
+        self.doc_offsets: list[int] = []
+        self.num_tokens = 0
+
+    def write(self, ids: np.ndarray, doc_starts: Sequence[int] = (0,)) -> None:
+        """Append `ids`; `doc_starts` are the positions in `ids` where a document begins."""
+        ids = np.ascontiguousarray(ids, dtype=self.dtype)
+        self.doc_offsets.extend(self.num_tokens + int(start) for start in doc_starts)
+        self.num_tokens += ids.size
+        self.digest.update(ids.data)
+        self._out.write(ids.data)
+
+
+@contextlib.contextmanager
+def token_file_writer(prefix: Path, tokenizer, fingerprint: str) -> Iterator[TokenFileWriter]:
+    """A writer whose `<prefix>.bin` and `<prefix>.json` appear, complete, when the block ends without
+    an error; on an error neither is written (an older pair stays as it was)."""
     bin_path, index_path = _paths(prefix)
-    dtype = token_dtype(tokenizer.vocab_size)
-    digest, doc_offsets, num_tokens = hashlib.sha256(), [], 0
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)
         with _atomic_write(bin_path) as out:
-            for path in files:
-                try:
-                    data = path.read_bytes()
-                except OSError as e:
-                    raise UserError(
-                        f"cannot read {path} ({e.strerror}); fix its permissions or leave it out"
-                    ) from None
-                ids = tokenizer.encode_bytes(data).astype(dtype, copy=False)
-                doc_offsets.append(num_tokens)
-                num_tokens += ids.size
-                digest.update(ids.data)
-                out.write(ids.data)
+            writer = TokenFileWriter(out, tokenizer.vocab_size)
+            yield writer
         index = {
             "format": INDEX_FORMAT,
-            "dtype": dtype.name,
-            "num_tokens": num_tokens,
-            "num_docs": len(doc_offsets),
-            "doc_offsets": doc_offsets,
+            "dtype": writer.dtype.name,
+            "num_tokens": writer.num_tokens,
+            "num_docs": len(writer.doc_offsets),
+            "doc_offsets": writer.doc_offsets,
             "vocab_size": tokenizer.vocab_size,
             "tokenizer": tokenizer.name,
-            "checksum": "sha256:" + digest.hexdigest(),
+            "checksum": "sha256:" + writer.digest.hexdigest(),
             "source_fingerprint": fingerprint,
         }
         with _atomic_write(index_path) as out:
@@ -189,6 +202,21 @@ def _write_token_file(files: Sequence[Path], prefix: Path, tokenizer, fingerprin
             f"cannot write token file {prefix} ({e.strerror}); choose a writable folder "
             "(the cache folder is set by ANGELPTM_CACHE)"
         ) from None
+
+
+def read_file_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); fix its permissions or leave it out") from None
+
+
+def _write_token_file(files: Sequence[Path], prefix: Path, tokenizer, fingerprint: str) -> TokenFile:
+    if not files:
+        raise UserError(f"no files to tokenize into {prefix}; pass text files or folders that hold some")
+    with token_file_writer(prefix, tokenizer, fingerprint) as writer:
+        for path in files:
+            writer.write(tokenizer.encode_bytes(read_file_bytes(path)))
     return TokenFile(prefix)
 
 

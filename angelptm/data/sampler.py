@@ -32,44 +32,20 @@ def count_windows(dataset: TokenDataset, seq_len: int) -> int:
     return windows
 
 
-class TokenSampler:
-    def __init__(self, dataset: TokenDataset, seq_len: int, global_batch: int, seed: int):
-        if seq_len < 1 or global_batch < 1:
-            raise ValueError(f"seq_len={seq_len} and global_batch={global_batch} must be positive")
-        self.dataset = dataset
-        self.seq_len = seq_len
-        self.global_batch = global_batch
-        self.seed = seed
-        self.num_windows = count_windows(dataset, seq_len)
-        self._permutations: dict[int, np.ndarray] = {}  # epoch -> window order; a batch spans at most two
+def sample_indices(step: int, start: int, count: int, global_batch: int) -> np.ndarray:
+    """The sample numbers g = step * global_batch + row of rows start .. start + count of `step`."""
+    if step < 0 or start < 0 or count < 0 or start + count > global_batch:
+        raise ValueError(f"rows {start}..{start + count} of step {step} lie outside a global batch of {global_batch}")
+    return step * global_batch + np.arange(start, start + count, dtype=np.int64)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            if len(self._permutations) >= 2:
-                del self._permutations[min(self._permutations)]
-            self._permutations[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-        return self._permutations[epoch]
 
-    def rows(self, step: int, start: int, count: int) -> torch.Tensor:
-        """Rows start .. start + count of step's global batch: int64 (count, seq_len + 1).
+class SamplerState:
+    """Resume support shared by the samplers: the position is the step; the rest checks it is the same data."""
 
-        Inputs are [:, :-1] and targets [:, 1:]. dp rank r with micro_batch m reads microbatch i as
-        rows(step, (r * accum + i) * m, m), where accum = global_batch / (m * dp).
-        """
-        if step < 0 or start < 0 or count < 0 or start + count > self.global_batch:
-            raise ValueError(f"rows {start}..{start + count} of step {step} lie outside a global batch of "
-                             f"{self.global_batch}")
-        epochs, positions = np.divmod(step * self.global_batch + np.arange(start, start + count), self.num_windows)
-        windows = np.empty(count, dtype=np.int64)
-        for epoch in np.unique(epochs):
-            here = epochs == epoch
-            windows[here] = self._permutation(int(epoch))[positions[here]]
-        offsets = windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
-        return torch.from_numpy(np.asarray(self.dataset.tokens[offsets], dtype=np.int64))
-
-    def batch(self, step: int) -> torch.Tensor:
-        """The whole global batch of `step`."""
-        return self.rows(step, 0, self.global_batch)
+    dataset: TokenDataset
+    seed: int
+    seq_len: int
+    global_batch: int
 
     def state_dict(self, next_step: int) -> dict:
         """JSON-serialisable position (the step the run continues with) and what fixes the order."""
@@ -95,7 +71,8 @@ class TokenSampler:
             raise UserError(
                 f"the checkpoint was trained on other data ({state.get('dataset_name')}, "
                 f"{state.get('dataset_tokens')} tokens) than {self.dataset.name} ({len(self.dataset)} tokens); "
-                "resume with the same data.source and data.path, or set train.resume=never"
+                "resume with the same data (data.source, data.path, data.sources, data.valid_fraction), or set "
+                "train.resume=never"
             )
         fields = {"seed": "data.seed", "seq_len": "train.seq_len", "global_batch": "train.global_batch"}
         for key, field in fields.items():
@@ -103,3 +80,52 @@ class TokenSampler:
                 raise UserError(f"{field}={getattr(self, key)} differs from the checkpoint's {saved[key]}; "
                                 f"set {field}={saved[key]} to resume it, or set train.resume=never")
         return next_step
+
+
+class TokenSampler(SamplerState):
+    """`stream` tells apart samplers that share a seed (the sources of a blend): each its own permutations."""
+
+    def __init__(self, dataset: TokenDataset, seq_len: int, global_batch: int, seed: int, stream: tuple = ()):
+        if seq_len < 1 or global_batch < 1:
+            raise ValueError(f"seq_len={seq_len} and global_batch={global_batch} must be positive")
+        self.dataset = dataset
+        self.seq_len = seq_len
+        self.global_batch = global_batch
+        self.seed = seed
+        self.stream = tuple(stream)
+        self.num_windows = count_windows(dataset, seq_len)
+        self._permutations: dict[int, np.ndarray] = {}  # epoch -> window order; a batch spans at most two
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 2:
+                del self._permutations[min(self._permutations)]
+            rng = np.random.default_rng([self.seed, epoch, *self.stream])
+            self._permutations[epoch] = rng.permutation(self.num_windows)
+        return self._permutations[epoch]
+
+    def rows(self, step: int, start: int, count: int) -> torch.Tensor:
+        """Rows start .. start + count of step's global batch: int64 (count, seq_len + 1).
+
+        Inputs are [:, :-1] and targets [:, 1:]. dp rank r with micro_batch m reads microbatch i as
+        rows(step, (r * accum + i) * m, m), where accum = global_batch / (m * dp).
+        """
+        return self.samples(sample_indices(step, start, count, self.global_batch))
+
+    def samples(self, numbers: np.ndarray) -> torch.Tensor:
+        """The windows of samples `numbers` (g = step * global_batch + row): int64 (len, seq_len + 1)."""
+        epochs, positions = np.divmod(numbers, self.num_windows)
+        windows = np.empty(len(numbers), dtype=np.int64)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            windows[here] = self._permutation(int(epoch))[positions[here]]
+        offsets = windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        return torch.from_numpy(np.asarray(self.dataset.tokens[offsets], dtype=np.int64))
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The whole global batch of `step`."""
+        return self.rows(step, 0, self.global_batch)
+
+    def tokens_by_source(self, steps: int) -> dict[str, int]:
+        """Tokens trained on (targets) in the first `steps` steps, by source."""
+        return {self.dataset.name: steps * self.global_batch * self.seq_len}

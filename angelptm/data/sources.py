@@ -11,11 +11,13 @@ import os
 import platform
 import sysconfig
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from angelptm.data.builder import TokenDataset, TokenFile, cached_token_file, checksum, list_documents
 from angelptm.data.tokenizer import ByteTokenizer
+from angelptm.data.tokenizers import Tokenizer
 from angelptm.errors import UserError
 
 # The stdlib corpus stops before the first file that would take it past this many bytes, in sorted
@@ -46,28 +48,29 @@ def stdlib_files(cap_bytes: int = STDLIB_CAP_BYTES) -> list[Path]:
     return files
 
 
-def stdlib_dataset(cap_bytes: int = STDLIB_CAP_BYTES) -> TokenFile:
-    """The embedded default corpus: this Python's own standard library, byte-tokenized and cached."""
+def stdlib_dataset(cap_bytes: int = STDLIB_CAP_BYTES, tokenizer: Optional[Tokenizer] = None) -> TokenFile:
+    """The embedded default corpus: this Python's own standard library, tokenized (bytes by default) and cached."""
     root = sysconfig.get_paths()["stdlib"]
     files = stdlib_files(cap_bytes)
     if not files:
         raise UserError(f"this Python has no standard-library .py files under {root}; "
                         "set data.source=text and data.path=/path/to/text")
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer or ByteTokenizer()
     prefix = cache_dir() / f"stdlib-py{platform.python_version()}-{_short_hash(root)}-{tokenizer.name}" / "tokens"
     extra = {"python": platform.python_version(), "cap_bytes": cap_bytes}
     return cached_token_file(files, prefix, tokenizer, extra)
 
 
-def text_dataset(path: str) -> TokenFile:
-    """A text file, or every non-hidden file under a folder, byte-tokenized into a cache keyed by the path."""
+def text_dataset(path: str, tokenizer: Optional[Tokenizer] = None) -> TokenFile:
+    """A text file, or every non-hidden file under a folder, tokenized (bytes by default) into a cache keyed
+    by the path and the tokenizer."""
     source = Path(path).expanduser().resolve()  # one cache, and one fingerprint, whatever the working folder
     if not source.exists():
         raise UserError(f"data.path={path} does not exist; point it at a text file or a folder of text files")
     files = list_documents(source)
     if not files:
         raise UserError(f"data.path={path} holds no files; point it at a text file or a folder of text files")
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer or ByteTokenizer()
     prefix = cache_dir() / f"text-{_short_hash(str(source))}-{tokenizer.name}" / "tokens"
     return cached_token_file(files, prefix, tokenizer)
 

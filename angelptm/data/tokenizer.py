@@ -6,7 +6,7 @@ decode(encode(text)) == text for any text.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -31,6 +31,13 @@ class ByteTokenizer:
         if eos:
             ids[-1] = self.eos_id
         return ids
+
+    def encode_documents(self, texts: Sequence[Union[str, bytes]], starts: Optional[Sequence[bool]] = None,
+                         ends: Optional[Sequence[bool]] = None) -> list[np.ndarray]:
+        """Each text's ids as a document, BOS first and EOS last; a text that continues a document
+        (`starts[i]` false) gets no BOS, one a later text continues (`ends[i]` false) no EOS."""
+        return [self.encode_bytes(t if isinstance(t, bytes) else t.encode("utf-8", "surrogatepass"),
+                                  starts is None or starts[i], ends is None or ends[i]) for i, t in enumerate(texts)]
 
     def encode(self, text: str, bos: bool = True, eos: bool = True) -> list[int]:
         # surrogatepass: a str holding a lone surrogate (as argv can on Linux) still encodes.

@@ -60,6 +60,7 @@ class LayoutRun:
     last_losses: list[float]  # the last step's loss as each rank reported it
     weights: dict[str, torch.Tensor]  # full final weights, read from the run's last checkpoint
     comm_bytes: dict[str, int]  # bytes rank 0 sent in the last step, per mesh dimension
+    val_losses: list[float]  # the validation loss at each evaluated step (train.eval_every), as logged by rank 0
 
 
 def _train_layouts(job: dict, layouts: list[list[str]], output_root: str) -> list[tuple]:
@@ -94,7 +95,8 @@ def run_layouts(layouts: list[dict], world_size: int, job: Optional[dict] = None
             _, model = load_model(Path(out) / str(i))
             weights = {name: p.detach() for name, p in model.named_parameters()}
             runs.append(LayoutRun([r["loss"] for r in records], [r["grad_norm"] for r in records],
-                                  [loss for loss, _ in results], weights, results[0][1]))
+                                  [loss for loss, _ in results], weights, results[0][1],
+                                  [r["val_loss"] for r in records if "val_loss" in r]))
     return runs
 
 

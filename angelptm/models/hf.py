@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from angelptm.config import Config, ModelConfig, TrainConfig, config_from_dict
+from angelptm.data.tokenizers import TOKENIZER_JSON, load_tokenizer, tokenizer_files
 from angelptm.errors import UserError
 from angelptm.models.llama import build_llama
 from angelptm.dcp_safe import read_metadata_file
@@ -287,7 +288,9 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Convert a Hugging Face Llama folder into an angelptm model-only checkpoint at `out_dir`.
 
     The checkpoint's run config is the defaults with the model section from config.json, so it
-    can be trained further or exported again. Returns the checkpoint folder.
+    can be trained further or exported again. The tokenizer files, where the folder has a
+    tokenizer.json, are kept in the checkpoint's `tokenizer/` and named by its `data.tokenizer`.
+    Returns the checkpoint folder.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
@@ -302,7 +305,15 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     hf_state = _read_safetensors(_hf_weight_files(hf_dir))
     with _located(hf_dir):
         state = state_from_hf(hf_state, model_cfg)
-    return save_model_checkpoint(out_dir, _run_config(dataclasses.asdict(model_cfg)), state)
+    cfg, files = _run_config(dataclasses.asdict(model_cfg)), {}
+    if (hf_dir / TOKENIZER_JSON).is_file():
+        tokenizer = load_tokenizer(str(hf_dir), "the model's tokenizer")
+        if tokenizer.vocab_size > model_cfg.vocab_size:
+            raise UserError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} ids but config.json's vocab_size is "
+                            f"{model_cfg.vocab_size}; pair the model with its own tokenizer")
+        files = {f"tokenizer/{name}": data for name, data in tokenizer_files(tokenizer).items()}
+        cfg.data.tokenizer = str(out_dir.resolve() / "tokenizer")
+    return save_model_checkpoint(out_dir, cfg, state, files)
 
 
 def _stored_dtypes(ckpt_dir: Path) -> dict[str, torch.dtype]:
@@ -351,7 +362,8 @@ def export_hf(
 ) -> Path:
     """Write an angelptm checkpoint (model-only or a trainer's step_<N>) as a Hugging Face Llama folder.
 
-    Weights keep the dtype the checkpoint stores them in. Above `max_shard_bytes` they are split
+    The files of the checkpoint's `data.tokenizer` go beside the weights (none for bytes), so
+    `AutoTokenizer.from_pretrained(out_dir)` loads too. Weights keep the dtype the checkpoint stores them in. Above `max_shard_bytes` they are split
     into numbered shards with an index, as save_pretrained does. Returns `out_dir`.
     """
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
@@ -362,6 +374,7 @@ def export_hf(
     if arch != "llama":
         raise UserError(f"checkpoint {ckpt_dir} holds a model.arch={arch} model; only llama models export to Hugging Face")
     cfg, model = load_model(ckpt_dir, "cpu")
+    tokenizer = load_tokenizer(cfg.data.tokenizer, f"{ckpt_dir}'s data.tokenizer")
     dtypes = _stored_dtypes(ckpt_dir)
     our_state = {name: t.detach().to(dtypes[name]).contiguous() for name, t in model.state_dict().items()}
     hf_state = state_to_hf(our_state, cfg.model)
@@ -372,6 +385,8 @@ def export_hf(
         hf_config = hf_config_from(cfg.model, our_state[_OUR_EMBEDDING].dtype)
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
         _write_weights(tmp, hf_state, max_shard_bytes)
+        for name, data in tokenizer_files(tokenizer).items():  # none for the byte tokenizer
+            (tmp / name).write_bytes(data)
         fsync_tree(tmp)
         os.replace(tmp, out_dir)
     except BaseException:

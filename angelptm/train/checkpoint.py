@@ -135,8 +135,10 @@ def save_checkpoint(
     state: dict[str, Any],
     train_state: dict[str, Any],
     keep: Optional[int] = None,
+    files: Optional[dict[str, bytes]] = None,
 ) -> Path:
-    """Write `state` ({"model": ..., "optim": ...}, DCP-ready) and `train_state` (JSON) atomically.
+    """Write `state` ({"model": ..., "optim": ...}, DCP-ready) and `train_state` (JSON) atomically,
+    with `files` (relative path -> contents, e.g. an imported model's tokenizer) beside them.
 
     Collective: every rank calls it with its own shards. Returns the final folder. With `keep`,
     older `step_<N>` siblings beyond the newest `keep` are removed afterwards.
@@ -165,6 +167,9 @@ def save_checkpoint(
     if all_ranks_ok(error is None) and rank == 0:
         try:
             save_config(cfg, tmp / "config.yaml")
+            for name, data in (files or {}).items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_bytes(data)
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
             manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
             record = dict(train_state, format=FORMAT_VERSION, world_size=_world(), manifest=manifest)
@@ -384,10 +389,11 @@ def checkpoint_config(folder: Path) -> Config:
 # Model-only checkpoints (import-hf, export-hf, generate)
 
 
-def save_model_checkpoint(folder: Path, cfg: Config, model_state: dict[str, torch.Tensor]) -> Path:
+def save_model_checkpoint(folder: Path, cfg: Config, model_state: dict[str, torch.Tensor],
+                          files: Optional[dict[str, bytes]] = None) -> Path:
     """Write a checkpoint holding only model weights (full tensors, keyed by parameter name), e.g.
-    imported from elsewhere."""
-    return save_checkpoint(Path(folder), cfg, {"model": model_state}, {"step": 0, "kind": "model"})
+    imported from elsewhere, and `files` beside them."""
+    return save_checkpoint(Path(folder), cfg, {"model": model_state}, {"step": 0, "kind": "model"}, files=files)
 
 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[Config, torch.nn.Module]:

@@ -107,6 +107,8 @@ class MetricsLogger:
             f"step {r['step']:>{len(str(self.total_steps))}}/{self.total_steps} [{bar:<20}] "
             f"loss {r['loss']:.4f} | {r['tokens_per_sec']:,.0f} tok/s | ETA {_duration(r['eta_s'])}"
         )
+        if "val_loss" in r:
+            line += f" | val loss {r['val_loss']:.4f} ppl {r['val_ppl']:.2f}"
         if r.get("skipped"):
             line += " | step skipped (non-finite loss or gradients)"
         if self.interactive:

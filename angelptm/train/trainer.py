@@ -8,6 +8,7 @@ to the output folder, so a bad config or checkpoint leaves nothing half-written 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -20,7 +21,8 @@ import torch.distributed as dist
 
 from angelptm import distributed
 from angelptm.config import Config, save_config
-from angelptm.data import TokenSampler, build_dataset
+from angelptm.data import build_datasets, build_sampler
+from angelptm.data.prefetch import Prefetcher
 from angelptm.distributed.collectives import all_reduce, comm_bytes, group_of, reset_comm_bytes
 from angelptm.distributed.context_parallel import shard_sequence
 from angelptm.distributed.mesh import DATA_DIMS, ParallelDims, device_of, validate_layout, world_from_env
@@ -31,6 +33,7 @@ from angelptm.fp8 import update_float8_scales
 from angelptm.models.llama import build_llama, flops_per_token
 from angelptm.train import checkpoint as ckpt
 from angelptm.train.faults import OutputLock, Preemption, SkipCounter, TrainingStopped
+from angelptm.train.evaluate import Validation
 from angelptm.train.metrics import MetricsLogger, peak_flops
 from angelptm.train.preflight import check_run
 from angelptm.train.schedule import lr_at
@@ -68,7 +71,11 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
 
-        self.sampler = TokenSampler(self._build_dataset(), t.seq_len, t.global_batch, cfg.data.seed)
+        train_data, valid_data = self._build_datasets()
+        self.sampler = build_sampler(train_data, t.seq_len, t.global_batch, cfg.data.seed)
+        self.batches = Prefetcher(functools.partial(self.host_rows, self.sampler))
+        self.validation = None if valid_data is None or not t.eval_every else Validation(
+            build_sampler(valid_data, t.seq_len, t.global_batch, cfg.data.seed), t.eval_every, t.eval_batches)
 
         # The output folder is this run's alone from here on; a failure before training begins
         # takes back what the lock created, so bad input leaves nothing behind.
@@ -164,10 +171,10 @@ class Trainer:
             raise UserError(outcome[0])
         return result
 
-    def _build_dataset(self):
+    def _build_datasets(self):
         """Rank 0 builds any cache first, so ranks do not race to write it; its error stops every rank."""
         t = self.cfg.train
-        build = lambda: build_dataset(self.cfg.data, t.seq_len, self.cfg.model.vocab_size)  # noqa: E731
+        build = lambda: build_datasets(self.cfg.data, t.seq_len, self.cfg.model.vocab_size)  # noqa: E731
         dataset = self._on_rank0(build)
         return dataset if self.rank == 0 else build()
 
@@ -235,7 +242,10 @@ class Trainer:
                 self.step += 1
                 step_time = time.perf_counter() - step_start
                 preempted = not ckpt.all_ranks_ok(not preemption.requested)  # SIGTERM on any rank
-                if self.step % t.log_every == 0 or self.step == last or preempted:
+                evaluated = self.validation is not None and self.validation.due(self.step)
+                if evaluated:
+                    stats.update(self.validation.run(self))
+                if self.step % t.log_every == 0 or self.step == last or preempted or evaluated:
                     elapsed = time.perf_counter() - start
                     record = self._record(stats, step_time, elapsed / (self.step - first_step))
                     self.metrics.log(record)
@@ -264,19 +274,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         reset_comm_bytes()
-        inputs, targets = [], []
-        for micro in range(self.accum_steps):
-            first_row = (self.dp_rank * self.accum_steps + micro) * t.micro_batch
-            rows = self.sampler.rows(self.step, first_row, t.micro_batch).to(self.device, non_blocking=True)
-            inputs.append(shard_sequence(rows[:, :-1], self.cp, self.cfg.parallel.cp_mode))
-            targets.append(shard_sequence(rows[:, 1:], self.cp, self.cfg.parallel.cp_mode))
+        inputs, targets = self.microbatches(self.batches.get(self.step))  # loaded while the last step ran
         # Forward and backward of every microbatch, in the order the pipeline schedule says; the
         # gradients (the mean over the microbatches) are reduced over dp × cp once, at the end.
         with self.optimizer.no_sync():
             loss = self.runner.step(inputs, targets)
         self.optimizer.reduce_gradients()
-        # Each dp/cp rank saw its own tokens: average, so every rank reports the loss of the whole step.
-        loss = all_reduce(torch.tensor(loss, device=self.device), self.data_group).item() / self.data_group.size
+        loss = self.mean_over_data(loss)
         clip = self.cfg.optim.grad_clip
         grad_norm = float(self.optimizer.clip_grad_norm_(clip if clip else float("inf")))  # inf: measure only
         skipped = not (math.isfinite(grad_norm) and math.isfinite(loss))
@@ -284,7 +288,29 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad()
         update_float8_scales(self.model)  # delayed FP8 scaling advances every step, skipped ones too
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "comm_bytes": self._comm_bytes()}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "comm_bytes": self._comm_bytes(),
+                "data_wait_s": self.batches.wait_s}
+
+    def host_rows(self, sampler, step: int) -> list[torch.Tensor]:
+        """This rank's rows of `step`'s global batch on the host, one tensor per microbatch (pinned
+        for an asynchronous copy when training on a GPU)."""
+        t = self.cfg.train
+        rows = [sampler.rows(step, (self.dp_rank * self.accum_steps + micro) * t.micro_batch, t.micro_batch)
+                for micro in range(self.accum_steps)]
+        return [r.pin_memory() for r in rows] if self.device.type == "cuda" else rows
+
+    def microbatches(self, rows: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(inputs, targets) on this rank's device, one pair per microbatch of `host_rows`."""
+        inputs, targets = [], []
+        for micro in rows:
+            micro = micro.to(self.device, non_blocking=True)
+            inputs.append(shard_sequence(micro[:, :-1], self.cp, self.cfg.parallel.cp_mode))
+            targets.append(shard_sequence(micro[:, 1:], self.cp, self.cfg.parallel.cp_mode))
+        return inputs, targets
+
+    def mean_over_data(self, loss: float) -> float:
+        """Each dp/cp rank saw its own tokens: average, so every rank reports the loss of the whole batch."""
+        return all_reduce(torch.tensor(loss, device=self.device), self.data_group).item() / self.data_group.size
 
     def _comm_bytes(self) -> dict[str, int]:
         """Bytes this rank sent in the step, per mesh dimension; ZeROCache's page traffic is dp × cp's."""
@@ -304,6 +330,7 @@ class Trainer:
         if self.device.type == "cuda":
             record["mem_device_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         record["eta_s"] = mean_step_time * (t.steps - self.step)
+        record["tokens_by_source"] = self.sampler.tokens_by_source(self.step)
         return record
 
     # -----------------------------------------------------------------------------------------

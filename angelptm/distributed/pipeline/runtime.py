@@ -21,7 +21,7 @@ from torch import nn
 from angelptm.distributed.collectives import Group, count_bytes
 from angelptm.distributed.pipeline.schedules import (
     BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, RECV_ACTIVATION, RECV_GRAD, SEND_ACTIVATION, SENDS,
-    Action, batches, peer_of,
+    Action, batches, forward_only, peer_of,
 )
 from angelptm.distributed.pipeline.split_backward import (
     WeightWork, postpone_weight_grads, run_weight_grads, split_linear_backward,
@@ -65,6 +65,7 @@ class PipelineRunner:
         if used != set(range(len(self.stages))):
             raise ValueError(f"the schedule uses chunks {sorted(used)} but {len(self.stages)} stages were given")
         self.microbatches = len({a.microbatch for a in actions if a.kind == FORWARD})
+        self.forward_actions = forward_only(self.pp, self.microbatches, len(self.stages))[group.rank]
         self.loss_fn = loss_fn
         self.shape = torch.Size(activation_shape)
         self.dtype, self.device = dtype, torch.device(device)
@@ -82,13 +83,21 @@ class PipelineRunner:
         `inputs[k]` (token ids of microbatch k) are read only on the rank holding stage 0 and
         `targets[k]` only on the one holding the last stage; other ranks may pass None.
         """
-        holds = {a.stage for a in self.actions}
+        return self._run(self.actions, inputs, targets)
+
+    @torch.no_grad()
+    def evaluate(self, inputs: Optional[Sequence[torch.Tensor]], targets: Optional[Sequence[torch.Tensor]]) -> float:
+        """The mean loss over the microbatches, forwards only (no gradients), on every pp rank."""
+        return self._run(self.forward_actions, inputs, targets)
+
+    def _run(self, actions: list[Action], inputs, targets) -> float:
+        holds = {a.stage for a in actions}
         for name, seq, stage in (("inputs", inputs, 0), ("targets", targets, self.num_stages - 1)):
             if stage in holds and (seq is None or len(seq) != self.microbatches):
                 raise ValueError(f"stage {stage} needs {self.microbatches} microbatches of {name}")
         state = _StepState()
         self.timeline = []
-        for item in batches(self.actions):
+        for item in batches(actions):
             if isinstance(item, Action):
                 start = time.perf_counter()
                 self._compute(item, inputs, targets, state)

@@ -222,6 +222,13 @@ def zero_bubble_h1(pp: int, microbatches: int) -> Schedule:
     return _with_communication([_zero_bubble_h1_ticks(r, pp, microbatches) for r in range(pp)], pp)
 
 
+def forward_only(pp: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
+    """Every forward and no backward (evaluation): each rank runs its chunks in order, microbatch by microbatch."""
+    ticks = [_single([Action(FORWARD, chunk * pp + r, k) for chunk in range(virtual_stages)
+                      for k in range(microbatches)]) for r in range(pp)]
+    return _with_communication(ticks, pp)
+
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
 
 

@@ -1,0 +1,144 @@
+"""`angelptm prepare` throughput against the tokenizer's own batch encoder and against `datasets.map`.
+
+The corpus is the stdlib corpus (this Python's standard library, as `data.source: stdlib` reads
+it), written once as a folder of .txt files and once as one .jsonl. The tokenizer is a byte-level
+BPE of 16384 ids trained here with `tokenizers` on the first 4 MB of that corpus. Each round runs,
+side by side:
+  ceiling    one process, a plain loop over `Tokenizer.encode_batch_fast` on texts already in
+             memory, one thread (TOKENIZERS_PARALLELISM=false): what one core can tokenize;
+  datasets   `Dataset.map(batched=True, num_proc=WORKERS)` over the same texts already in memory;
+  prepare    `angelptm prepare --workers WORKERS` on the .txt folder and on the .jsonl: reading,
+             parsing, tokenizing, writing and checksumming the token file.
+Goals (issue 19): prepare >= 1.5x datasets.map, and >= 90% of ceiling x workers.
+
+    python benchmarks/data_prepare.py [--rounds 3] [--workers 2]
+
+Prints a table (median, min, max of the rounds) and writes benchmarks/results/data_prepare.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # every side one thread per process: the processes are the parallelism
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+
+from angelptm.data.prepare import prepare  # noqa: E402
+from angelptm.data.sources import stdlib_files  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "data_prepare.json"
+BATCH = 1024
+
+
+def train_tokenizer(texts: list[str], folder: Path) -> Path:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=16384, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    sample = "".join(texts)[:4_000_000]
+    tokenizer.train_from_iterator([sample[i:i + 100_000] for i in range(0, len(sample), 100_000)], trainer)
+    folder.mkdir(parents=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
+    return folder
+
+
+def ceiling(tokenizer: Tokenizer, texts: list[str]) -> int:
+    return sum(len(e.ids) for i in range(0, len(texts), BATCH)
+               for e in tokenizer.encode_batch_fast(texts[i:i + BATCH], add_special_tokens=False))
+
+
+def datasets_map(tokenizer: Tokenizer, texts: list[str], workers: int) -> int:
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+
+    def encode(batch):
+        return {"input_ids": [e.ids for e in tokenizer.encode_batch_fast(batch["text"], add_special_tokens=False)]}
+
+    mapped = Dataset.from_dict({"text": texts}).map(encode, batched=True, batch_size=BATCH, num_proc=workers,
+                                                    remove_columns=["text"])
+    return sum(len(ids) for ids in mapped["input_ids"])
+
+
+def timed(run) -> tuple[float, int]:
+    start = time.perf_counter()
+    tokens = run()
+    return time.perf_counter() - start, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    files = stdlib_files()
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    corpus_bytes = sum(len(t.encode()) for t in texts)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tok_dir = train_tokenizer(texts, tmp / "tokenizer")
+        tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        (tmp / "txt").mkdir()
+        for i, text in enumerate(texts):
+            (tmp / "txt" / f"{i:05d}.txt").write_text(text)
+        with open(tmp / "corpus.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+        sides = {
+            "ceiling (1 process)": lambda: ceiling(tokenizer, texts),
+            f"datasets.map (num_proc={args.workers})": lambda: datasets_map(tokenizer, texts, args.workers),
+            f"prepare txt (workers={args.workers})": lambda: _prepare(tmp / "txt", tok_dir, tmp / "out", args.workers),
+            f"prepare jsonl (workers={args.workers})": lambda: _prepare(tmp / "corpus.jsonl", tok_dir, tmp / "out",
+                                                                         args.workers),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in sides}
+        for round_ in range(args.rounds):
+            for name, run in sides.items():  # alternating: every round runs every side once
+                seconds, tokens = timed(run)
+                rates[name].append(tokens / seconds)
+                print(f"round {round_ + 1} {name:32s} {tokens:>11,} tokens {seconds:6.2f} s {tokens / seconds:>11,.0f} tokens/s")
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    ceiling_name, datasets_name = list(sides)[:2]
+    rows = []
+    print(f"\n{'side':36s} {'tokens/s median':>16s} {'min':>11s} {'max':>11s} {'vs datasets':>12s} {'vs ceiling x w':>15s}")
+    for name, values in rates.items():
+        vs_datasets = median[name] / median[datasets_name]
+        vs_ceiling = median[name] / (median[ceiling_name] * args.workers)
+        rows.append({"side": name, "tokens_per_s": {"median": median[name], "min": min(values), "max": max(values),
+                                                    "all": values},
+                     "ratio_vs_datasets_map": vs_datasets, "ratio_vs_ceiling_x_workers": vs_ceiling})
+        print(f"{name:36s} {median[name]:>16,.0f} {min(values):>11,.0f} {max(values):>11,.0f} "
+              f"{vs_datasets:>11.2f}x {vs_ceiling:>14.0%}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "benchmark": "data_prepare", "rounds": args.rounds, "workers": args.workers,
+        "corpus": {"files": len(files), "bytes": corpus_bytes, "what": "stdlib corpus (data.source: stdlib)"},
+        "tokenizer": "byte-level BPE, 16384 ids, trained on the corpus' first 4 MB",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "note": "2 cores shared with other jobs while measured; ceiling x workers assumes idle cores"},
+        "goals": {"vs_datasets_map": 1.5, "vs_ceiling_x_workers": 0.9},
+        "results": rows,
+    }, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+def _prepare(source: Path, tok_dir: Path, out: Path, workers: int) -> int:
+    with open(os.devnull, "w") as quiet:
+        prepare([str(source)], str(tok_dir), str(out), workers=workers, progress_stream=quiet)
+    index = json.loads(out.with_name(out.name + ".json").read_text())
+    # The text's ids alone, as the other sides count them: less the EOS that ends each document.
+    return index["num_tokens"] - index["num_docs"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""`angelptm prepare`: every input type into one token file, bad input refused in one line, bounded memory,
+and the whole path a user takes: import-hf -> prepare -> train -> export-hf -> transformers."""
+
+import gzip
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+from hf_tokenizer_files import write_tokenizer
+
+from conftest import REPO, cli_command, one_line, run_cli
+from angelptm.cli import main
+from angelptm.data import TokenFile, load_tokenizer
+from angelptm.data import prepare as prepare_module
+
+DOCS = [f"def f{i}(x):\n    return x * {i}  # é{'!' * (i % 7)}\n" for i in range(300)]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return write_tokenizer(tmp_path_factory.mktemp("tok"), "bpe")
+
+
+def jsonl_bytes(docs, field="text") -> bytes:
+    return "".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)).encode()
+
+
+def prepare_cli(capsys, *args) -> tuple[int, str, str]:
+    """Exit status, stdout, and stderr less the progress lines ("prepare: ...") of `angelptm prepare ARGS`."""
+    code = main(["prepare", *map(str, args)])
+    out, err = capsys.readouterr()
+    progress = [line for line in err.splitlines() if line.startswith("prepare: ")]
+    assert code != 0 or progress, "no progress line"
+    return code, out, "\n".join(line for line in err.splitlines() if not line.startswith("prepare: "))
+
+
+def test_every_input_type_in_order(tmp_path, tok_dir, capsys):
+    inputs = tmp_path / "in"
+    (inputs / "b" / "deeper").mkdir(parents=True)
+    (inputs / "a.jsonl").write_bytes(jsonl_bytes(DOCS[:100]))
+    (inputs / "b" / "c.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes(DOCS[100:150])))
+    (inputs / "b" / "deeper" / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl_bytes(DOCS[150:200])))
+    table = pa.table({"text": DOCS[200:290], "n": list(range(90))})
+    pq.write_table(table, inputs / "b" / "e.parquet", row_group_size=20)  # five row groups
+    (inputs / "f.txt").write_text("".join(DOCS[290:]))
+    (inputs / "notes.md").write_text("not an input type: left out")
+    assert pq.ParquetFile(inputs / "b" / "e.parquet").num_row_groups == 5
+    code, out, err = prepare_cli(capsys, inputs, "--tokenizer", tok_dir, "--out", tmp_path / "out" / "t",
+                                 "--workers", "2")
+    assert code == 0, err
+    assert "291 documents" in out and "tokens/s" in out
+    tok = load_tokenizer(str(tok_dir))
+    # Sorted recursively by path: a.jsonl, b/c.jsonl.gz, b/deeper/d.jsonl.zst, b/e.parquet, f.txt.
+    expected = tok.encode_documents(DOCS[:290] + ["".join(DOCS[290:])])
+    tokens = TokenFile(tmp_path / "out" / "t")
+    np.testing.assert_array_equal(tokens.tokens, np.concatenate(expected))
+    assert tokens.doc_offsets == list(np.cumsum([0] + [d.size for d in expected[:-1]]))
+    assert tokens.tokenizer == tok.name and tokens.vocab_size == tok.vocab_size
+    # One worker writes the same bytes: order is kept whatever the parallelism.
+    assert prepare_cli(capsys, inputs, "--tokenizer", tok_dir, "--out", tmp_path / "one", "--workers", "1")[0] == 0
+    assert TokenFile(tmp_path / "one").checksum == tokens.checksum
+
+
+def test_long_text_file_is_read_in_pieces_as_one_document(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "PIECE_BYTES", 64)
+    text = "".join(DOCS[:40]) + "a line longer than a piece: " + "ü" * 100 + "\n"
+    (tmp_path / "long.txt").write_text(text)
+    prepare_module.prepare([str(tmp_path / "long.txt")], "byte", str(tmp_path / "out"), workers=1)
+    out = TokenFile(tmp_path / "out")
+    np.testing.assert_array_equal(out.tokens, load_tokenizer("byte").encode(text))  # BOS once, EOS once
+    assert out.doc_offsets == [0]
+
+
+def test_corrupt_line_is_named_and_nothing_is_written(tmp_path, tok_dir, capsys):
+    lines = jsonl_bytes(DOCS[:5]).splitlines(keepends=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"".join(lines[:3] + [b'{"text": "cut off\n', b'["a list"]\n', b'{"title": "no text"}\n']
+                             + lines[3:]))
+    out = tmp_path / "out"
+    code, _, err = prepare_cli(capsys, bad, "--tokenizer", tok_dir, "--out", out / "t")
+    assert code == 2 and f"{bad}: line 4 is not valid JSON" in one_line(err) and "--skip-bad" in err
+    assert not out.exists() or not list(out.iterdir())
+    code, summary, err = prepare_cli(capsys, bad, "--tokenizer", tok_dir, "--out", out / "t", "--skip-bad")
+    assert code == 0 and "5 documents" in summary and "skipped 3 bad" in summary
+    assert len(TokenFile(out / "t").doc_offsets) == 5
+
+
+def test_parquet_without_the_field_or_with_nulls(tmp_path, tok_dir, capsys):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"content": ["a", None, "c"]}), path)
+    code, _, err = prepare_cli(capsys, path, "--tokenizer", tok_dir, "--out", tmp_path / "t")
+    assert code == 2 and "no column 'text'" in one_line(err) and "--field" in err
+    code, _, err = prepare_cli(capsys, path, "--tokenizer", tok_dir, "--out", tmp_path / "t", "--field", "content")
+    assert code == 2 and "row 2" in one_line(err)
+    code, summary, _ = prepare_cli(capsys, path, "--tokenizer", tok_dir, "--out", tmp_path / "t", "--field",
+                                   "content", "--skip-bad")
+    assert code == 0 and "2 documents" in summary and "skipped 1" in summary
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_empty_input_is_one_line_and_writes_nothing(tmp_path, tok_dir, capsys, content):
+    (tmp_path / "empty.jsonl").write_bytes(content)
+    code, _, err = prepare_cli(capsys, tmp_path / "empty.jsonl", "--tokenizer", tok_dir, "--out", tmp_path / "o" / "t")
+    assert code == 2 and "holds no documents" in one_line(err)
+    assert not list((tmp_path / "o").iterdir())
+
+
+def test_bad_arguments_are_one_line(tmp_path, tok_dir, capsys):
+    (tmp_path / "x.csv").write_text("a,b\n")
+    for args, expected in [([tmp_path / "nope.jsonl"], "does not exist"), ([tmp_path / "x.csv"], "is not a"),
+                           ([tmp_path], "no .txt"), ([tmp_path / "x.csv", "--tokenizer", tmp_path], "--tokenizer=")]:
+        if "--tokenizer" not in args:
+            args = args + ["--tokenizer", tok_dir]
+        code, _, err = prepare_cli(capsys, *args, "--out", tmp_path / "t")
+        assert code == 2 and expected in one_line(err), err
+
+
+MEMORY_PROBE = textwrap.dedent("""
+    import json, resource, sys, threading
+    from angelptm.data.prepare import prepare
+    def resident_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    before, peak, done = resident_mb(), [0.0], threading.Event()
+    def watch():  # the peak of this run alone (ru_maxrss would include the imports' passing peak)
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], resident_mb())
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for path in sys.argv[1:-1]:
+        prepare([path], "byte", sys.argv[-1] + path.rsplit("/", 1)[-1], workers=1)
+    done.set()
+    watcher.join()
+    print(json.dumps({"before": before, "peak": peak[0]}))
+""")
+
+
+def test_inputs_larger_than_the_memory_budget_stream_through(tmp_path):
+    budget_mb, size_mb = 24, 64
+    line = json.dumps({"text": "x = [1, 2, 3]  # a line of code\n" * 2000}) + "\n"  # ~70 KB per document
+    with open(tmp_path / "big.jsonl", "w") as f:
+        f.write(line * (size_mb * 2**20 // len(line) + 1))
+    with open(tmp_path / "big.txt", "w") as f:  # one document of 64 MB
+        for _ in range(size_mb):
+            f.write(("y = 'text'\n" * (2**20 // 11 + 1))[: 2**20])
+    argv, env = cli_command()
+    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "big.jsonl"), str(tmp_path / "big.txt"),
+                            str(tmp_path / "out-")], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    peaks = json.loads(probe.stdout.splitlines()[-1])
+    assert peaks["peak"] - peaks["before"] < budget_mb, peaks
+    assert TokenFile(tmp_path / "out-big.txt").doc_offsets == [0]
+
+
+def test_import_prepare_train_export_round_trip(tmp_path, tok_dir, capsys):
+    """A Hugging Face Llama with its own tokenizer: imported, trained on prepared data, exported, loaded back
+    by transformers, which continues a prompt exactly as `angelptm generate` does."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(str(tok_dir))
+    hf_dir = tmp_path / "hf"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=640, max_position_embeddings=64, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id)).save_pretrained(hf_dir)  # vocabulary padded past the tokenizer's 600 ids
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(hf_dir)
+    assert main(["import-hf", str(hf_dir), str(tmp_path / "imported")]) == 0
+    (tmp_path / "corpus.jsonl").write_bytes(jsonl_bytes(DOCS))
+    assert prepare_cli(capsys, tmp_path / "corpus.jsonl", "--tokenizer", tmp_path / "imported" / "tokenizer",
+                       "--out", tmp_path / "data" / "tokens", "--workers", "2")[0] == 0
+    run = tmp_path / "run"
+    trained = run_cli("train", tmp_path / "imported" / "config.yaml", "--set", f"train.resume={tmp_path / 'imported'}",
+                      "--set", "data.source=tokens", "--set", f"data.path={tmp_path / 'data' / 'tokens'}",
+                      "--set", f"train.output_dir={run}", "--set", "train.steps=3", "--set", "train.seq_len=32",
+                      "--set", "train.global_batch=4", "--set", "train.micro_batch=4", "--set", "train.sample_tokens=0",
+                      "--set", "train.log_every=1", "--set", "optim.warmup_steps=0", "--set", "optim.lr=1e-2")
+    assert trained.returncode == 0, trained.stderr
+    assert len((run / "metrics.jsonl").read_text().splitlines()) >= 3
+    assert main(["export-hf", str(run / "checkpoints" / "step_3"), str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "out")
+    prompt = DOCS[7][:12]
+    assert theirs(prompt)["input_ids"] == tok.encode(prompt, bos=True, eos=False)
+    with torch.no_grad():
+        ids = model.generate(**theirs(prompt, return_tensors="pt"), max_new_tokens=8, do_sample=False,
+                             eos_token_id=None)
+    assert main(["generate", str(run), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    ours = capsys.readouterr().out.split("---\n", 1)[1].rstrip("\n")
+    assert ours == theirs.decode(ids[0], skip_special_tokens=True)
+
+
+def test_truncated_compressed_file_is_one_line(tmp_path, tok_dir, capsys):
+    packed = gzip.compress(jsonl_bytes(DOCS * 20))
+    (tmp_path / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    code, _, err = prepare_cli(capsys, tmp_path / "cut.jsonl.gz", "--tokenizer", tok_dir, "--out", tmp_path / "o" / "t")
+    assert code == 2 and "is truncated or corrupt" in one_line(err)
+    assert not list((tmp_path / "o").iterdir())
