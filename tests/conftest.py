@@ -52,6 +52,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def own_process_group():
+    """For a test that trains in this process: the process group of one its Trainer made is torn
+    down afterwards, so later tests start, as users do, with none."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def cli_command(*args) -> tuple[list[str], dict]:
     """argv and environment for `python -m angelptm ARGS` on one thread, outside any torchrun job."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

@@ -75,7 +75,7 @@ def test_resume_reads_the_same_next_batches_and_checks_the_blend():
     assert "data.sources" in one_line(str(e.value))
 
 
-def test_blend_training_logs_tokens_by_source_and_resumes_exactly(tmp_path, one_thread):
+def test_blend_training_logs_tokens_by_source_and_resumes_exactly(tmp_path, one_thread, own_process_group):
     from angelptm.train.trainer import Trainer
 
     paths = []

@@ -86,7 +86,7 @@ def test_damaged_pairs_are_one_line_errors_naming_the_file(tmp_path, how):
     assert str(prefix) in one_line(str(e.value))
 
 
-def test_a_short_training_run_on_a_megatron_pair(tmp_path, one_thread):
+def test_a_short_training_run_on_a_megatron_pair(tmp_path, one_thread, own_process_group):
     from angelptm.train.trainer import Trainer
 
     rng = np.random.default_rng(1)

@@ -58,7 +58,7 @@ def test_val_loss_is_the_same_under_every_layout(lettered):
             assert abs(ours - ref) / ref < 1e-6, layout
 
 
-def test_val_loss_and_ppl_are_logged_at_the_eval_steps(tmp_path, lettered, one_thread, capsys):
+def test_val_loss_and_ppl_are_logged_at_the_eval_steps(tmp_path, lettered, one_thread, capsys, own_process_group):
     from angelptm.train.trainer import Trainer
 
     data = {"source": "synthetic", "valid": lettered}
