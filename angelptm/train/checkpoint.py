@@ -170,8 +170,8 @@ def save_checkpoint(
             for name, data in (files or {}).items():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / name).write_bytes(data)
-            files = sorted(p for p in tmp.rglob("*") if p.is_file())
-            manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
+            written = sorted(p for p in tmp.rglob("*") if p.is_file())
+            manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in written}
             record = dict(train_state, format=FORMAT_VERSION, world_size=_world(), manifest=manifest)
             (tmp / "train_state.json").write_text(json.dumps(record, indent=1))
             fsync_tree(tmp)
