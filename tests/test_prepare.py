@@ -198,9 +198,12 @@ def test_import_prepare_train_export_round_trip(tmp_path, tok_dir, capsys):
     assert ours == theirs.decode(ids[0], skip_special_tokens=True)
 
 
-def test_truncated_compressed_file_is_one_line(tmp_path, tok_dir, capsys):
-    packed = gzip.compress(jsonl_bytes(DOCS * 20))
-    (tmp_path / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
-    code, _, err = prepare_cli(capsys, tmp_path / "cut.jsonl.gz", "--tokenizer", tok_dir, "--out", tmp_path / "o" / "t")
+@pytest.mark.parametrize("suffix, compress", [(".gz", gzip.compress),
+                                              (".zst", lambda data: zstandard.ZstdCompressor().compress(data))])
+def test_truncated_compressed_file_is_one_line(tmp_path, tok_dir, capsys, suffix, compress):
+    packed = compress(jsonl_bytes(DOCS * 20))
+    cut = tmp_path / f"cut.jsonl{suffix}"
+    cut.write_bytes(packed[: len(packed) // 2])
+    code, _, err = prepare_cli(capsys, cut, "--tokenizer", tok_dir, "--out", tmp_path / "o" / "t")
     assert code == 2 and "is truncated or corrupt" in one_line(err)
     assert not list((tmp_path / "o").iterdir())

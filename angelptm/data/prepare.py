@@ -70,8 +70,40 @@ def _open_lines(path: Path) -> tuple[IO[bytes], IO[bytes]]:
         except ImportError:
             raw.close()
             raise UserError(f"reading {path} needs zstandard; {_DATA_EXTRA}") from None
-        return raw, io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+        return raw, io.BufferedReader(_ZstdFrames(raw, zstandard))
     return raw, raw
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file's frames, one after another. zstandard's stream
+    reader ends quietly where a cut-off file ends; this one raises EOFError if the last frame is
+    incomplete, so a truncated file is an error, not a silently shorter corpus."""
+
+    def __init__(self, raw: IO[bytes], zstandard):
+        self._raw, self._zstd = raw, zstandard
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._pending, self._in_frame = b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._raw.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            while chunk:  # a frame may end inside the chunk; the rest begins the next frame
+                self._in_frame = True
+                self._pending += self._frame.decompress(chunk)
+                if not self._frame.eof:
+                    break
+                chunk, self._in_frame = self._frame.unused_data, False
+                self._frame = self._zstd.ZstdDecompressor().decompressobj()
+        n = min(len(buffer), len(self._pending))
+        buffer[:n], self._pending = self._pending[:n], self._pending[n:]
+        return n
 
 
 def _text_batches(path: Path) -> Iterator[Batch]:
