@@ -1,6 +1,7 @@
 """Hugging Face tokenizers: the same ids and special tokens as transformers' AutoTokenizer, and as the data source."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -102,3 +103,19 @@ def test_text_source_is_tokenized_with_the_configured_tokenizer(tmp_path, folder
     with pytest.raises(UserError) as e:
         build_dataset(cfg, 32, tok.vocab_size - 1)
     assert f"set model.vocab_size={tok.vocab_size}" in one_line(str(e.value))
+
+
+def test_token_file_from_another_tokenizer_is_refused(tmp_path, folder):
+    """A token file keeps the name of the tokenizer that made it; training it under another
+    data.tokenizer (the byte default included) would decode every sample as the wrong words."""
+    from angelptm.data.prepare import prepare
+
+    (tmp_path / "doc.txt").write_text(stdlib_text(3000))
+    prepare([str(tmp_path / "doc.txt")], str(folder), str(tmp_path / "tokens"), workers=1,
+            progress_stream=open(os.devnull, "w"))
+    same = build_dataset(DataConfig(source="tokens", path=str(tmp_path / "tokens"), tokenizer=str(folder)), 32, 1024)
+    assert same.tokenizer == load_tokenizer(str(folder)).name
+    with pytest.raises(UserError) as e:
+        build_dataset(DataConfig(source="tokens", path=str(tmp_path / "tokens")), 32, 1024)
+    line = one_line(str(e.value))
+    assert "was tokenized with another tokenizer" in line and "data.tokenizer=byte" in line

@@ -6,6 +6,7 @@ and validation data and wraps each in `build_sampler(data, seq_len, global_batch
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional, Union
 
@@ -36,8 +37,17 @@ def open_source(source: str, path: Optional[str], seed: int, vocab_size: int,
     return synthetic_dataset(seed, vocab_size=vocab_size)
 
 
-def _checked(dataset: Union[TokenDataset, Blend], seq_len: int, vocab_size: int) -> Union[TokenDataset, Blend]:
+def _checked(dataset: Union[TokenDataset, Blend], seq_len: int, vocab_size: int, tokenizer: Tokenizer,
+             spec: str) -> Union[TokenDataset, Blend]:
     for part in dataset.datasets if isinstance(dataset, Blend) else [dataset]:
+        # Token files name the tokenizer that made them ("byte" or "hf-<hash of its files>"); Megatron
+        # and synthetic ids name none. Ids from another tokenizer would train, but every decode (the
+        # run's samples, `generate`) would read them as the wrong words.
+        made_by_a_tokenizer = part.tokenizer == "byte" or part.tokenizer.startswith("hf-")
+        if made_by_a_tokenizer and part.tokenizer != tokenizer.name:
+            raise UserError(f"{part.name} was tokenized with another tokenizer ({part.tokenizer}) than "
+                            f"data.tokenizer={spec} ({tokenizer.name}); set data.tokenizer to the one it was "
+                            "prepared with, or prepare it again with this one")
         if part.vocab_size > vocab_size:
             raise UserError(
                 f"model.vocab_size={vocab_size} is smaller than the {part.tokenizer} tokenizer's "
@@ -90,7 +100,9 @@ def build_datasets(data_cfg: DataConfig, seq_len: int,
         kept, held = zip(*(hold_out(part, data_cfg.valid_fraction) for part in parts))
         train, valid = (Blend(kept, train.weights), Blend(held, train.weights)) if isinstance(train, Blend) \
             else (kept[0], held[0])
-    return _checked(train, seq_len, vocab_size), None if valid is None else _checked(valid, seq_len, vocab_size)
+    check = functools.partial(_checked, seq_len=seq_len, vocab_size=vocab_size, tokenizer=tokenizer,
+                              spec=data_cfg.tokenizer)
+    return check(train), None if valid is None else check(valid)
 
 
 def build_dataset(data_cfg: DataConfig, seq_len: int, vocab_size: int) -> Union[TokenDataset, Blend]:
