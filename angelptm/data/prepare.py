@@ -82,18 +82,19 @@ class _ZstdFrames(io.RawIOBase):
     def __init__(self, raw: IO[bytes], zstandard):
         self._raw, self._zstd = raw, zstandard
         self._frame = zstandard.ZstdDecompressor().decompressobj()
-        self._pending, self._in_frame = b"", False
+        self._pending, self._read, self._in_frame = b"", 0, False  # decompressed bytes; how many are handed out
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self._pending:
+        while self._read == len(self._pending):
             chunk = self._raw.read(1 << 16)
             if not chunk:
                 if self._in_frame:
                     raise EOFError("the file ends inside a zstd frame")
                 return 0
+            self._pending, self._read = b"", 0
             while chunk:  # a frame may end inside the chunk; the rest begins the next frame
                 self._in_frame = True
                 self._pending += self._frame.decompress(chunk)
@@ -101,8 +102,9 @@ class _ZstdFrames(io.RawIOBase):
                     break
                 chunk, self._in_frame = self._frame.unused_data, False
                 self._frame = self._zstd.ZstdDecompressor().decompressobj()
-        n = min(len(buffer), len(self._pending))
-        buffer[:n], self._pending = self._pending[:n], self._pending[n:]
+        n = min(len(buffer), len(self._pending) - self._read)
+        buffer[:n] = memoryview(self._pending)[self._read:self._read + n]  # no copy of what is left
+        self._read += n
         return n
 
 
