@@ -1,4 +1,5 @@
-"""FP8 formats and scales: saturating casts, amax floor, power-of-two scales, delayed-scaling histories."""
+"""FP8 formats and scales: saturating casts, amax floor, power-of-two scales, delayed-scaling histories,
+and the CPU GEMM of scaled operands."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from angelptm.errors import UserError
 from angelptm.fp8 import E4M3, E5M2, DelayedScale, recipe_from_name
 from angelptm.fp8.delayed import update_delayed_scales
 from angelptm.fp8.formats import cast_to_fp8
+from angelptm.fp8.gemm import scaled_mm
 from angelptm.fp8.scaling import (power_of_two_floor, quantize_blocks, quantize_groups, quantize_tensorwise,
                                   scale_from_amax)
 
@@ -25,6 +27,19 @@ def test_all_zero_tensors_get_a_finite_scale_and_stay_zero():
     assert q.dequantize().eq(0).all()
     rows = quantize_groups(torch.zeros(4, 32), E4M3, group=None, dim=1)
     assert torch.isfinite(rows.scale_inv).all() and rows.dequantize().eq(0).all()
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_cpu_gemm_is_the_float32_product_of_the_dequantized_operands(out_dtype):
+    """Bit for bit, on every CPU (torch's own `_scaled_mm` takes oneDNN's path on some), and in float32
+    inside a bfloat16 autocast region too: the GEMM's precision is the recipe's, not the region's."""
+    x, w = torch.randn(33, 256) * 5, torch.randn(17, 256) / 16
+    for a, b in [(quantize_tensorwise(x, E4M3)[0], quantize_tensorwise(w, E4M3)[0]),
+                 (quantize_groups(x, E4M3, group=None, dim=1), quantize_groups(w, E4M3, group=None, dim=1))]:
+        want = (a.dequantize() @ b.dequantize().t()).to(out_dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = scaled_mm(a, b, out_dtype)
+        assert got.dtype == out_dtype and torch.equal(got, want)
 
 
 def test_scale_maps_amax_onto_the_format_maximum():

@@ -1,9 +1,11 @@
 """The FP8 GEMM `a @ b.T` of two quantized operands, whatever their scale granularity.
 
-Per-tensor and per-row scales go through `torch._scaled_mm` (cuBLASLt on NVIDIA GPUs, a
-reference implementation on CPU): `a.data` row-major and `b.data.t()` column-major is exactly
-the layout it wants, and it writes the result in the dtype asked for (bf16 under autocast) with
-no separate cast pass. `fast_accum` lets the tensor cores accumulate without periodic FP32
+Per-tensor and per-row scales go through `torch._scaled_mm` on accelerators (cuBLASLt on NVIDIA
+GPUs): `a.data` row-major and `b.data.t()` column-major is exactly the layout it wants, and it
+writes the result in the dtype asked for (bf16 under autocast) with no separate cast pass. On CPU
+`dequantized_mm` computes what torch's own CPU emulation of `_scaled_mm` does, bit for bit: on CPUs
+with AMX torch hands `_scaled_mm` to oneDNN instead, whose FP8 matmul there is a reference loop
+about a hundred times slower, and whose sums then differ from one CPU to the next. `fast_accum` lets the tensor cores accumulate without periodic FP32
 promotion; like torchao, the forward GEMM uses it and the two gradient GEMMs do not.
 
 Blockwise scales (1x128 tiles times 128x128 blocks or 1x128 tiles) also go through
@@ -38,12 +40,23 @@ def scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype, *, fast_accum:
         if backend is None and _whole_blocks(a, b) and native_blockwise(a.data.device, b.kind, out_dtype):
             return blockwise_scaled_mm(a, b, out_dtype)
         return blockwise_mm(a, b, out_dtype, backend)
+    if a.data.device.type == "cpu":
+        return dequantized_mm(a, b, out_dtype)
     scale_b = b.scale_inv.reshape(1, -1) if b.kind == "row" else b.scale_inv
     if _accepts(a.data.device, a.kind, out_dtype):
         return torch._scaled_mm(a.data, b.data.t(), a.scale_inv, scale_b, out_dtype=out_dtype,
                                 use_fast_accum=fast_accum)
     out = torch._scaled_mm(a.data, b.data.t(), a.scale_inv, scale_b, out_dtype=torch.bfloat16,
                            use_fast_accum=fast_accum)
+    return out.to(out_dtype)
+
+
+def dequantized_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b.T for per-tensor or per-row scales as torch emulates `_scaled_mm` on CPU: both operands
+    dequantized to float32 (a row's scale is a (rows, 1) column), one float32 GEMM, one cast.
+    Autocast stays out: the GEMM is float32 whatever the region, as `_scaled_mm`'s would be."""
+    with torch.autocast(a.data.device.type, enabled=False):
+        out = (a.data.float() * a.scale_inv) @ (b.data.float() * b.scale_inv).t()
     return out.to(out_dtype)
 
 
