@@ -1,4 +1,4 @@
-"""The `angelptm` command: train, plan, generate, prepare, import-hf, export-hf.
+"""The `angelptm` command: train, plan, generate, prepare, import-hf, export-hf, report.
 
 Bad input surfaces as `UserError`: one line on stderr, exit status 2, no traceback. Anything else
 is a bug and keeps its traceback.
@@ -90,6 +90,13 @@ def _export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from angelptm.report import report
+
+    print(f"wrote {report([Path(f) for f in args.runs], Path(args.out) if args.out else None)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="angelptm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint")
     exp.add_argument("out_dir")
     exp.set_defaults(run=_export_hf)
+
+    rep = sub.add_parser("report", help="plot runs' metrics (loss, lr, grad norm, tokens/s, MFU, memory) to PNG or HTML")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's train.output_dir; several are overlaid")
+    rep.add_argument("--out", help="report.png (one figure) or report.html (a page); default RUN_DIR/report.png")
+    rep.set_defaults(run=_report)
     return parser
 
 

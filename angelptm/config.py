@@ -24,6 +24,34 @@ from angelptm.errors import ConfigError
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of experts in the feed-forward layers (`angelptm.models.moe`); n_experts 0 = dense."""
+
+    n_experts: int = 0
+    top_k: int = 2  # routed experts per token
+    n_shared_experts: int = 0  # experts every token passes through, added to the routed output
+    expert_ffn_dim: Optional[int] = None  # null: model.ffn_dim
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    balance: Literal["aux_loss", "aux_free"] = "aux_loss"  # aux_free: DeepSeek-V3's per-expert selection bias
+    aux_loss_coef: float = 0.01  # load-balancing loss (balance=aux_loss)
+    z_loss_coef: float = 0.0  # router z-loss
+    capacity_factor: Optional[float] = None  # null: dropless
+    first_dense_layers: int = 0  # the first N layers keep the dense feed-forward
+    bias_update_rate: float = 0.001  # balance=aux_free: the bias step per training step
+
+
+@dataclass
+class RopeScalingConfig:
+    """Scaled rotary positions, as Hugging Face's `rope_scaling` defines them (`angelptm.models.rope`)."""
+
+    type: Literal["llama3", "linear", "dynamic"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only: the context the model was pre-trained at
+
+
+@dataclass
 class ModelConfig:
     arch: Literal["llama", "gpt"] = "llama"
     dim: int = 256
@@ -36,6 +64,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    rope_scaling: Optional[RopeScalingConfig] = None  # null: plain RoPE
+    qkv_bias: bool = False  # biases on wq, wk, wv (Qwen2)
+    o_bias: bool = False  # a bias on wo (Llama's attention_bias sets both)
+    qk_norm: Literal["none", "before_rope", "after_rope"] = "none"  # per-head RMSNorm of q, k (Qwen3 / Hunyuan)
+    sliding_window: Optional[int] = None  # attend to at most this many latest positions (Mistral); null: all
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
@@ -114,6 +148,16 @@ class DataConfig:
     valid_fraction: float = 0.0  # else hold out this fraction of the training documents
 
 
+LoggerName = Literal["jsonl", "tensorboard", "wandb"]
+
+
+@dataclass
+class WandbConfig:
+    project: str = "angelptm"
+    name: Optional[str] = None  # null: the output folder's name
+    mode: Literal["online", "offline", "disabled"] = "online"  # offline: a run folder for `wandb sync`
+
+
 @dataclass
 class TrainConfig:
     steps: int = 240
@@ -126,6 +170,7 @@ class TrainConfig:
     ckpt_every: int = 80  # 0: only at the end
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | never | PATH of a step_<N> folder
+    init_from: Optional[str] = None  # PATH of a checkpoint: its weights only, at step 0; a resume point wins
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     deterministic: bool = False
     compile: bool = False  # torch.compile each transformer block (fuses FP8 casts, cuts launch overhead)
@@ -135,6 +180,8 @@ class TrainConfig:
     max_skipped_steps: int = 10  # consecutive non-finite steps before the run stops (exit 3)
     eval_every: int = 0  # steps between validation passes; 0: none
     eval_batches: int = 8  # global batches per validation pass
+    loggers: list[LoggerName] = field(default_factory=lambda: ["jsonl"])  # where step records go
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

@@ -75,6 +75,16 @@ def _resolve_model(m: ModelConfig) -> None:
         f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
         "pick n_kv_heads dividing n_heads",
     )
+    _check(m.sliding_window is None or m.sliding_window > 0,
+           f"model.sliding_window={m.sliding_window} must be positive or null (no window)")
+    r = m.rope_scaling
+    if r is not None:
+        _check(r.factor >= 1, f"model.rope_scaling.factor={r.factor} must be >= 1 (1: no scaling)")
+        if r.type == "llama3":
+            _check(0 < r.low_freq_factor < r.high_freq_factor,
+                   f"model.rope_scaling: low_freq_factor={r.low_freq_factor} and high_freq_factor="
+                   f"{r.high_freq_factor} must satisfy 0 < low < high (Llama 3.1 uses 1 and 4)")
+            _positive(r, "model.rope_scaling", "original_max_position_embeddings")
     # The largest weight: the embedding / output head (vocab × dim), a projection (dim × dim) or
     # an MLP matrix (ffn × dim). Memory for the whole model is the trainer's preflight's to check.
     other, name = max((m.vocab_size, "model.vocab_size"), (m.dim, "model.dim"), (m.ffn_dim, "model.ffn_dim"))
@@ -85,12 +95,40 @@ def _resolve_model(m: ModelConfig) -> None:
     )
 
 
+def _resolve_moe(cfg: Config) -> None:
+    m, e = cfg.model, cfg.model.moe
+    _check(e.n_experts >= 0, f"model.moe.n_experts={e.n_experts} must be >= 0 (0: a dense model)")
+    if e.n_experts == 0:
+        return
+    if e.expert_ffn_dim is None:
+        e.expert_ffn_dim = m.ffn_dim
+    _check(1 <= e.top_k <= e.n_experts, f"model.moe.top_k={e.top_k} must lie between 1 and "
+           f"model.moe.n_experts={e.n_experts}; lower top_k or add experts")
+    _positive(e, "model.moe", "expert_ffn_dim", "bias_update_rate")
+    _check(e.n_shared_experts >= 0, f"model.moe.n_shared_experts={e.n_shared_experts} must be >= 0")
+    _check(e.aux_loss_coef >= 0, f"model.moe.aux_loss_coef={e.aux_loss_coef} must be >= 0")
+    _check(e.z_loss_coef >= 0, f"model.moe.z_loss_coef={e.z_loss_coef} must be >= 0")
+    _check(e.capacity_factor is None or e.capacity_factor > 0,
+           f"model.moe.capacity_factor={e.capacity_factor} must be positive, or null for dropless routing")
+    _check(0 <= e.first_dense_layers < m.n_layers, f"model.moe.first_dense_layers={e.first_dense_layers} must lie "
+           f"in [0, model.n_layers={m.n_layers}) so that some layer has experts; lower it or set model.moe.n_experts=0")
+    _check(e.n_experts * e.expert_ffn_dim * m.dim <= MAX_TENSOR_NUMEL,
+           f"model.moe.n_experts × expert_ffn_dim × model.dim = {e.n_experts * e.expert_ffn_dim * m.dim:.3g} elements "
+           f"in one stacked expert weight, more than a tensor can hold ({MAX_TENSOR_NUMEL:.3g}); lower one of them")
+    p = cfg.parallel
+    for dim in ("tp", "pp", "cp"):
+        degree = getattr(p, dim)
+        _check(degree == 1, f"model.moe with parallel.{dim} > 1 is not supported yet; set parallel.{dim}=1 "
+               f"(got {degree}) or model.moe.n_experts=0")
+
+
 def validate(cfg: Config) -> Config:
     """Check ranges and combinations, fill the derived defaults, and return `cfg`."""
     _resolve_model(cfg.model)
     p = cfg.parallel
     _positive(p, "parallel", "tp", "pp", "cp", "pp_virtual_stages")
     _check(p.dp == "auto" or p.dp > 0, f"parallel.dp={p.dp} must be positive or auto")
+    _resolve_moe(cfg)
     f8 = cfg.precision.fp8
     _check(0 < f8.amax_history <= MAX_AMAX_HISTORY, f"precision.fp8.amax_history={f8.amax_history} must lie "
            f"between 1 and {MAX_AMAX_HISTORY} steps (Transformer Engine's default is 1024, ours 16)")
@@ -160,11 +198,24 @@ def validate(cfg: Config) -> Config:
     _check(t.eval_batches >= 1, f"train.eval_batches={t.eval_batches} must be >= 1")
     _check(t.eval_every == 0 or d.valid is not None or d.valid_fraction > 0,
            f"train.eval_every={t.eval_every} needs validation data; set data.valid or data.valid_fraction")
+    loggers = f"train.loggers=[{', '.join(t.loggers)}]"
+    _check("jsonl" in t.loggers, f"{loggers} leaves out jsonl: metrics.jsonl is every run's record (angelptm "
+                                 "report reads it); keep it, e.g. [jsonl, tensorboard]")
+    _check(len(set(t.loggers)) == len(t.loggers), f"{loggers} names a logger twice; name each once")
     _check(
         t.seq_len <= cfg.model.max_seq_len,
         f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
         "raise model.max_seq_len or lower train.seq_len",
     )
+    window = cfg.model.sliding_window
+    _check(window is None or window >= t.seq_len or cfg.parallel.cp == 1,
+           f"model.sliding_window={window} is shorter than train.seq_len={t.seq_len}, and context parallelism "
+           f"(parallel.cp={cfg.parallel.cp}) computes full causal attention only; set parallel.cp=1 or "
+           f"train.seq_len <= {window}")
+    # A row-parallel wo holds a slice of its inputs on each tp rank; its bias would be added tp times.
+    _check(not cfg.model.o_bias or cfg.parallel.tp == 1,
+           f"model.o_bias=true is not supported with parallel.tp={cfg.parallel.tp}; set parallel.tp=1")
+    _check(t.init_from is None or bool(t.init_from), "train.init_from is empty; pass a checkpoint folder or null")
     _check(
         t.global_batch % t.micro_batch == 0,
         f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch="

@@ -2,7 +2,8 @@
 
 Each tp rank holds a slice of every large weight: wq/wk/wv/w1/w3 and the output head by rows
 (column-parallel: a slice of the output features), wo/w2 by columns (row-parallel: a slice of the
-input features), the embedding by vocabulary rows. The sharded layers stay plain `nn.Linear`
+input features), the embedding by vocabulary rows; q/k/v biases are sliced like their weights'
+rows, and q/k norm weights (one head long) stay whole. The sharded layers stay plain `nn.Linear`
 modules of smaller shape (so FP8 conversion and checkpoints see ordinary linears); the
 communication sits at the edges of each block, as forward hooks on `attention`, `feed_forward`
 and `output`:
@@ -24,6 +25,7 @@ and gathering the full weights read it.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -168,7 +170,7 @@ def _column_spec(full: tuple[int, int], local_rows: int, rank: int) -> ShardSpec
 
 def _sharded_linear(linear: nn.Linear, local_out: int, local_in: int) -> nn.Linear:
     w = linear.weight
-    return nn.Linear(local_in, local_out, bias=False, device=w.device, dtype=w.dtype)
+    return nn.Linear(local_in, local_out, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
 
 
 def _enter_hook(region: Callable, group: Group) -> Callable:
@@ -216,6 +218,14 @@ def apply_tensor_parallel(model: nn.Module, group: Group, sequence_parallel: boo
         specs[f"{prefix}.attention.wv.weight"] = kv_spec
         specs[f"{prefix}.attention.wo.weight"] = ShardSpec((cfg.dim, cfg.n_heads * hd), dim=1,
                                                            start=rank * q_rows, length=q_rows)
+        if cfg.qkv_bias:  # column-parallel biases: sliced like their weight's rows
+            for name in ("wq", "wk", "wv"):
+                weight_spec = specs[f"{prefix}.attention.{name}.weight"]
+                specs[f"{prefix}.attention.{name}.bias"] = dataclasses.replace(
+                    weight_spec, full_shape=weight_spec.full_shape[:1])
+        if cfg.qk_norm != "none":  # whole on every rank; each rank's heads give part of its gradient
+            for name in ("q_norm", "k_norm"):
+                specs[f"{prefix}.attention.{name}.weight"] = ShardSpec((hd,), copies=tp, partial_grad=True)
         ffn_cols = cfg.ffn_dim // tp
         ffn.w1 = _sharded_linear(ffn.w1, ffn_cols, cfg.dim)
         ffn.w3 = _sharded_linear(ffn.w3, ffn_cols, cfg.dim)

@@ -1,10 +1,11 @@
-"""Conversion between angelptm checkpoints and Hugging Face Llama checkpoints (config.json + safetensors).
+"""Conversion between angelptm checkpoints and Hugging Face checkpoints (config.json + safetensors)
+of the Llama-family decoders in `angelptm.models.hf_families` (Llama, Mistral, Qwen2, Qwen3, Hunyuan dense).
 
 Our Llama already keeps Hugging Face's weight layout (rotate-half RoPE, the same projection
 shapes), so converting weights is a rename in each direction. What needs care is the config:
-a Hugging Face model that uses a feature our model cannot compute (scaled RoPE, biases, another
-activation) is refused with one line instead of being imported into a model that computes
-something else. Neither direction writes anything until every input has been checked, and each
+a Hugging Face model that uses a feature our model cannot compute (a RoPE type we lack, MLP
+biases, another activation) is refused with one line instead of being imported into a model that
+computes something else. Neither direction writes anything until every input has been checked, and each
 writes its output folder under a temporary name and renames it when complete.
 
 transformers is not imported here: `config.json` is plain JSON and the weights are safetensors,
@@ -28,6 +29,15 @@ from safetensors.torch import save_file
 from angelptm.config import Config, ModelConfig, TrainConfig, config_from_dict
 from angelptm.data.tokenizers import TOKENIZER_JSON, load_tokenizer, tokenizer_files
 from angelptm.errors import UserError
+from angelptm.models.hf_families import (
+    attention_name_pairs,
+    family_for,
+    family_of,
+    hf_family_config,
+    hf_rope_config,
+    options_from_hf,
+    with_defaults,
+)
 from angelptm.models.llama import build_llama
 from angelptm.dcp_safe import read_metadata_file
 from angelptm.train.checkpoint import (
@@ -67,45 +77,19 @@ _REQUIRED_INT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "
 # Config
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    """rope_theta from either transformers 4 (top level) or 5 (`rope_parameters`); refuses scaled RoPE."""
-    if hf.get("rope_scaling"):
-        raise UserError(
-            f"the model uses rope_scaling {hf['rope_scaling']}, which angelptm's Llama does not implement; "
-            "import a model with plain RoPE (no rope_scaling)"
-        )
-    params = hf.get("rope_parameters") or {}
-    if not isinstance(params, dict):
-        raise UserError(f"rope_parameters={params!r} is not a mapping; fix config.json")
-    if params.get("rope_type", "default") != "default":
-        raise UserError(
-            f"the model uses rope_type={params['rope_type']}, which angelptm's Llama does not implement; "
-            "import a model with plain RoPE (rope_type default)"
-        )
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
-    """Our model section for a Hugging Face Llama `config.json` (as a dict); UserError if we cannot represent it."""
+    """Our model section for a Hugging Face `config.json` (as a dict); UserError if we cannot represent it."""
     if not isinstance(hf_config, dict):
         raise UserError("the file is not a JSON object; pass a Hugging Face model's config.json")
-    model_type = hf_config.get("model_type")
-    if model_type != "llama":
-        architectures = hf_config.get("architectures")
-        raise UserError(
-            f"model_type={model_type} (architectures {architectures}) is not a Llama model; "
-            "angelptm imports Llama models only (model_type llama)"
-        )
+    family = family_of(hf_config)
+    hf_config = with_defaults(hf_config, family)
     for key in _REQUIRED_INT_KEYS:
         value = hf_config.get(key)
         if not isinstance(value, int) or isinstance(value, bool):
             raise UserError(f"{key}={value!r} is missing or not an integer; a Llama config.json needs an integer {key}")
-    for feature in ("attention_bias", "mlp_bias"):
-        if hf_config.get(feature):
-            raise UserError(
-                f"the model uses {feature}=true, which angelptm's Llama does not have; "
-                f"import a model without biases ({feature} false)"
-            )
+    if hf_config.get("mlp_bias"):
+        raise UserError("the model uses mlp_bias=true, which angelptm's Llama does not have; "
+                        "import a model without MLP biases (mlp_bias false)")
     activation = hf_config.get("hidden_act", "silu")
     if activation != "silu":
         raise UserError(
@@ -128,10 +112,10 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         "ffn_dim": hf_config["intermediate_size"],
         "vocab_size": hf_config["vocab_size"],
         "max_seq_len": hf_config.get("max_position_embeddings", 2048),
-        "rope_theta": _rope_theta(hf_config),
         "norm_eps": hf_config.get("rms_norm_eps", 1e-6),
         # LlamaConfig's default, which transformers applies when the key is absent.
         "tie_embeddings": bool(hf_config.get("tie_word_embeddings", False)),
+        **options_from_hf(hf_config, family, dim // n_heads),
     }
     return _run_config(section).model
 
@@ -147,11 +131,12 @@ def _run_config(model_section: dict[str, Any]) -> Config:
 
 
 def hf_config_from(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """A `config.json` for `transformers.LlamaForCausalLM` computing what our model computes."""
+    """A `config.json` for the family (`hf_families.family_for`) that computes what our model computes."""
     dtype_name = str(dtype).removeprefix("torch.")
+    family = family_for(model_cfg)
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "hidden_size": model_cfg.dim,
         "intermediate_size": model_cfg.ffn_dim,
         "num_hidden_layers": model_cfg.n_layers,
@@ -160,13 +145,11 @@ def hf_config_from(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32) -
         "head_dim": model_cfg.dim // model_cfg.n_heads,
         "vocab_size": model_cfg.vocab_size,
         "max_position_embeddings": model_cfg.max_seq_len,
-        # Top-level rope_theta is read by transformers 4 and converted by transformers 5.
-        "rope_theta": model_cfg.rope_theta,
+        **hf_rope_config(model_cfg),
         "rms_norm_eps": model_cfg.norm_eps,
         "tie_word_embeddings": model_cfg.tie_embeddings,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
+        **hf_family_config(model_cfg, family),
         # transformers before 4.56 reads torch_dtype, later versions read dtype.
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
@@ -180,8 +163,10 @@ def hf_config_from(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32) -
 def _name_pairs(model_cfg: ModelConfig) -> list[tuple[str, str]]:
     """(Hugging Face name, our name) of every weight, the output head last."""
     pairs = [(_HF_EMBEDDING, _OUR_EMBEDDING)]
+    extra = attention_name_pairs(model_cfg)
     for i in range(model_cfg.n_layers):
         pairs += [(f"model.layers.{i}.{hf}.weight", f"layers.{i}.{ours}.weight") for hf, ours in _LAYER_NAMES.items()]
+        pairs += [(f"model.layers.{i}.{hf}", f"layers.{i}.{ours}") for hf, ours in extra]
     return pairs + [("model.norm.weight", "norm.weight"), (_HF_HEAD, _OUR_HEAD)]
 
 
@@ -197,8 +182,9 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> 
             state[our_name] = state[_OUR_EMBEDDING]
             continue
         if hf_name not in hf_state:
+            why = " (its model_type and attention_bias call for biases)" if hf_name.endswith(".bias") else ""
             raise UserError(
-                f"the Hugging Face weights lack {hf_name}; the safetensors files do not match config.json "
+                f"the Hugging Face weights lack {hf_name}; the safetensors files do not match config.json{why} "
                 "(re-save the model with save_pretrained)"
             )
         tensor = hf_state[hf_name]
@@ -213,7 +199,7 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> 
     if extra:
         raise UserError(
             f"the Hugging Face weights hold tensors angelptm's Llama has no place for ({len(extra)} in all, "
-            f"first {extra[0]}); import a plain Llama model"
+            f"first {extra[0]}); config.json does not describe these weights"
         )
     return state
 
@@ -285,7 +271,7 @@ def _check_new_folder(out_dir: Path) -> None:
 
 
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Convert a Hugging Face Llama folder into an angelptm model-only checkpoint at `out_dir`.
+    """Convert a Hugging Face folder (a family of `hf_families`) into an angelptm model-only checkpoint at `out_dir`.
 
     The checkpoint's run config is the defaults with the model section from config.json, so it
     can be trained further or exported again. The tokenizer files, where the folder has a
@@ -360,7 +346,8 @@ def _write_weights(folder: Path, hf_state: dict[str, torch.Tensor], max_shard_by
 def export_hf(
     ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 ) -> Path:
-    """Write an angelptm checkpoint (model-only or a trainer's step_<N>) as a Hugging Face Llama folder.
+    """Write an angelptm checkpoint (model-only or a trainer's step_<N>) as a Hugging Face folder of the
+    family that computes what the model computes (`hf_families.family_for`: Qwen3 for q/k norm before RoPE, ...).
 
     The files of the checkpoint's `data.tokenizer` go beside the weights (none for bytes), so
     `AutoTokenizer.from_pretrained(out_dir)` loads too. Weights keep the dtype the checkpoint stores them in. Above `max_shard_bytes` they are split
@@ -377,12 +364,12 @@ def export_hf(
     tokenizer = load_tokenizer(cfg.data.tokenizer, f"{ckpt_dir}'s data.tokenizer")
     dtypes = _stored_dtypes(ckpt_dir)
     our_state = {name: t.detach().to(dtypes[name]).contiguous() for name, t in model.state_dict().items()}
+    hf_config = hf_config_from(cfg.model, our_state[_OUR_EMBEDDING].dtype)
     hf_state = state_to_hf(our_state, cfg.model)
     tmp = out_dir.with_name(f".tmp_{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        hf_config = hf_config_from(cfg.model, our_state[_OUR_EMBEDDING].dtype)
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
         _write_weights(tmp, hf_state, max_shard_bytes)
         for name, data in tokenizer_files(tokenizer).items():  # none for the byte tokenizer

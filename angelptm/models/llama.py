@@ -1,5 +1,9 @@
 """A plain PyTorch Llama-family decoder: RMSNorm, rotary positions, grouped-query attention, SwiGLU.
 
+One decoder with the options the Hugging Face families it imports need, not a copy per family:
+q/k/v (and o) biases (Qwen2), a per-head RMSNorm of q and k before RoPE (Qwen3) or after it
+(Hunyuan dense), scaled RoPE (Llama 3.x; `angelptm.models.rope`) and a sliding window (Mistral).
+
 The model knows nothing of parallelism. `angelptm.distributed.parallelize` and the pipeline
 splitter transform it from the outside: they swap linear layers for sharded ones, replace
 `CoreAttention` with ring or Ulysses attention, and drop the modules a pipeline stage does not
@@ -21,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from angelptm.config import ModelConfig
+from angelptm.models.moe import MoE
+from angelptm.models.rope import apply_rope, rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -36,38 +42,39 @@ class RMSNorm(nn.Module):
         return normed.to(x.dtype) * self.weight
 
 
-def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (len(positions), head_dim) for the rotate-half convention."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x of shape (batch, seq, heads, head_dim) by the tables of shape (seq, head_dim)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
 class CoreAttention(nn.Module):
-    """Causal attention over (batch, heads, seq, head_dim); context parallelism replaces this module."""
+    """Causal attention over (batch, heads, seq, head_dim); context parallelism replaces this module.
+
+    With a sliding window each position sees itself and the `window - 1` positions before it, as
+    Mistral's attention does; a sequence no longer than the window is plain causal attention.
+    """
+
+    def __init__(self, window: Optional[int] = None):
+        super().__init__()
+        self.window = window
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        seq = q.shape[2]
+        if self.window is None or seq <= self.window:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        distance = torch.arange(seq, device=q.device)[:, None] - torch.arange(seq, device=q.device)[None, :]
+        visible = (distance >= 0) & (distance < self.window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
-        self.core = CoreAttention()
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":  # one weight, head_dim long, shared by every head (whole on each tp rank)
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.core = CoreAttention(cfg.sliding_window)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -75,7 +82,11 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        if self.qk_norm == "before_rope":
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm == "after_rope":
+            q, k = self.q_norm(q), self.k_norm(k)
         out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -93,13 +104,25 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    """Whether block `layer` has experts: all after the first `model.moe.first_dense_layers` of an MoE model."""
+    return cfg.moe.n_experts > 0 and layer >= cfg.moe.first_dense_layers
+
+
+def build_moe(cfg: ModelConfig) -> MoE:
+    """The MoE feed-forward, its shared experts one dense SwiGLU as wide as all of them (DeepSeek's form)."""
+    moe = cfg.moe
+    shared = FeedForward(cfg.dim, moe.n_shared_experts * moe.expert_ffn_dim) if moe.n_shared_experts else None
+    return MoE(cfg.dim, moe, shared_experts=shared)
+
+
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, moe: bool = False):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.feed_forward = build_moe(cfg) if moe else FeedForward(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin)
@@ -117,15 +140,19 @@ class Llama(nn.Module):
         self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.dim)
         # A dict keyed by the original index keeps parameter names stable when a pipeline
         # stage deletes the layers it does not own.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, is_moe_layer(cfg, i)) for i in range(cfg.n_layers)})
         self.norm: Optional[RMSNorm] = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: Optional[nn.Linear] = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """Share the embedding with the output head; call again after `to_empty`, which unties them."""
+        """Share the embedding with the output head and start the MoE routing biases at zero; call
+        again after `to_empty`, which unties the one and leaves the other unset."""
         if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.router.reset_bias()
 
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`tokens` are ids, or hidden states on a pipeline stage without embeddings.
@@ -136,7 +163,7 @@ class Llama(nn.Module):
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
             positions = torch.arange(h.shape[1], device=h.device)
-        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, positions, self.cfg.rope_theta)
+        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, positions, self.cfg.rope_theta, self.cfg.rope_scaling)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         if self.norm is not None:
@@ -159,9 +186,11 @@ def initial_value(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int
     """
     if name.endswith("norm.weight"):
         return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     std = 0.02
-    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "experts.w2", "shared_experts.w2.weight")):
         std /= math.sqrt(2 * cfg.n_layers)  # residual branches: keep the stream's variance flat
     return torch.randn(shape, generator=gen) * std
 
@@ -171,20 +200,39 @@ def build_llama(cfg: ModelConfig, device: str | torch.device = "meta") -> Llama:
         return Llama(cfg)
 
 
-def num_params(cfg: ModelConfig) -> int:
-    """Parameter count of the plain model (tied weights counted once)."""
+def _attention_extras(cfg: ModelConfig) -> int:
+    """Parameters of one attention layer that do no matmul work: its biases and q/k norm weights."""
     head_dim = cfg.dim // cfg.n_heads
-    attn = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    block = attn + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim
+    biases = head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.qkv_bias + cfg.dim * cfg.o_bias
+    return biases + 2 * head_dim * (cfg.qk_norm != "none")
+
+
+def _feed_forward_params(cfg: ModelConfig, active: bool) -> int:
+    """Feed-forward parameters of all layers: dense SwiGLUs, and in MoE layers the router, the shared
+    experts and every routed expert (`active`: only the top_k a token passes through)."""
+    moe = cfg.moe
+    moe_layers = max(0, cfg.n_layers - moe.first_dense_layers) if moe.n_experts else 0
+    experts = (moe.top_k if active else moe.n_experts) + moe.n_shared_experts
+    moe_layer = cfg.dim * moe.n_experts + 3 * cfg.dim * (moe.expert_ffn_dim or 0) * experts
+    return (cfg.n_layers - moe_layers) * 3 * cfg.dim * cfg.ffn_dim + moe_layers * moe_layer
+
+
+def num_params(cfg: ModelConfig, active: bool = False) -> int:
+    """Parameter count of the plain model (tied weights counted once); `active`: of an MoE model,
+    only the experts one token passes through."""
+    head_dim = cfg.dim // cfg.n_heads
+    attn = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + _attention_extras(cfg)
+    block = attn + 2 * cfg.dim
     embeddings = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
-    return cfg.n_layers * block + cfg.dim + embeddings
+    return cfg.n_layers * block + _feed_forward_params(cfg, active) + cfg.dim + embeddings
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 per matmul weight + 12·layers·dim·seq for attention.
+    """Training FLOPs per token (forward + backward): 6 per matmul weight (of an MoE layer, those a
+    token uses) + 12·layers·dim·seq for attention.
 
-    Norm weights and an untied input embedding (a lookup) do no matmul work, so they are left out.
+    Norm weights, biases and an untied input embedding (a lookup) do no matmul work, so they are left out.
     """
-    norms = (2 * cfg.n_layers + 1) * cfg.dim
-    matmul_params = num_params(cfg) - norms - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
+    norms = (2 * cfg.n_layers + 1) * cfg.dim + cfg.n_layers * _attention_extras(cfg)
+    matmul_params = num_params(cfg, active=True) - norms - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
     return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq_len

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, Optional, Sequence, TextIO
 
 import torch
 
 from angelptm.errors import UserError
+from angelptm.train.loggers import StepLogger
 
 # Dense peak FLOP/s per GPU by dtype (datasheet, without sparsity).
 GPU_PEAK_FLOPS = {
@@ -68,15 +71,25 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def _memory(record: dict[str, Any]) -> str:
+    """The device's peak memory when training on a GPU, else this process's peak resident memory."""
+    if "mem_device_peak_gb" in record:
+        return f"mem {record['mem_device_peak_gb']:.2f} GB"
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return f"rss {peak_rss / 2**30:.2f} GB"
+
+
 class MetricsLogger:
-    """Appends step records to `<output_dir>/metrics.jsonl` and draws a progress line."""
+    """Appends step records to `<output_dir>/metrics.jsonl`, hands each to the other `loggers`
+    (TensorBoard, W&B: `angelptm.train.loggers`) and draws a progress line."""
 
     def __init__(self, path: Path, total_steps: int, enabled: bool, resume_step: int = 0,
-                 stream: Optional[TextIO] = None):
+                 stream: Optional[TextIO] = None, loggers: Sequence[StepLogger] = ()):
         """`resume_step` > 0 keeps the records up to that step and drops any written after it,
         so a resumed run's file reads as one uninterrupted history."""
         self.total_steps = total_steps
         self.enabled = enabled
+        self.loggers = list(loggers)
         self.stream = stream or sys.stderr  # looked up now: a redirected sys.stderr is followed
         self.interactive = self.stream.isatty()
         self._file = None
@@ -99,6 +112,8 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         self._progress(record)
+        for logger in self.loggers:  # last: a background writer then runs while the next step computes
+            logger.log(record)
 
     def _progress(self, r: dict[str, Any]) -> None:
         done = r["step"] / self.total_steps
@@ -111,9 +126,13 @@ class MetricsLogger:
             line += f" | val loss {r['val_loss']:.4f} ppl {r['val_ppl']:.2f}"
         if r.get("skipped"):
             line += " | step skipped (non-finite loss or gradients)"
+        line += f" | {_memory(r)}"
         if self.interactive:
+            # Cut to the terminal's width and padded to it: a wrapped line would not be redrawn in
+            # place, and the padding blanks what a longer line before it left.
+            width = shutil.get_terminal_size().columns - 1
             end = "\n" if r["step"] >= self.total_steps else ""
-            self.stream.write("\r" + line + " " * 4 + end)
+            self.stream.write("\r" + line[:width].ljust(width) + end)
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
@@ -127,3 +146,6 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []

@@ -31,8 +31,10 @@ from angelptm.distributed.tensor_parallel import vocab_parallel_cross_entropy, v
 from angelptm.errors import ConfigError, UserError
 from angelptm.fp8 import update_float8_scales
 from angelptm.models.llama import build_llama, flops_per_token
+from angelptm.models.moe import MoEStepStats
 from angelptm.train import checkpoint as ckpt
 from angelptm.train.faults import OutputLock, Preemption, SkipCounter, TrainingStopped
+from angelptm.train.loggers import build_loggers
 from angelptm.train.evaluate import Validation
 from angelptm.train.metrics import MetricsLogger, peak_flops
 from angelptm.train.preflight import check_run
@@ -41,7 +43,14 @@ from angelptm.zerocache import ZeROCacheOptimizer
 
 
 class Trainer:
-    """Build everything a run needs from `cfg`; `fit()` trains and returns the last step's record."""
+    """Build everything a run needs from `cfg`; `fit()` trains and returns the last step's record.
+
+    Where a run starts: a resume point (`train.resume`: with `auto`, the newest complete checkpoint
+    in the run's own output_dir) continues that run exactly. Only when there is none does
+    `train.init_from` apply: a fresh run (step 0, zero optimizer moments, its own LR schedule)
+    from that checkpoint's weights. So a fine-tuning job that restarts resumes its own progress
+    instead of starting over from the weights it began with.
+    """
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -95,8 +104,11 @@ class Trainer:
         notes = notes + (self._on_rank0(lambda: ckpt.recover_interrupted_saves(self.ckpt_root)) or [])
         resume_from, resume_record, skipped = self._find_resume_point()
         notes += skipped
+        init_from, init_record = (None, None) if resume_from else self._find_init_point()
         if resume_from:
-            self._check_same_model(resume_from)
+            self._check_same_model(resume_from, "set train.resume=never")
+        elif init_from:
+            self._check_same_model(init_from, "point train.init_from at a checkpoint of this model")
 
         # Model: cut on the meta device into this rank's pipeline stages (the whole model when pp=1),
         # each transformed for the layout and materialised; the runner executes the schedule over them.
@@ -105,6 +117,7 @@ class Trainer:
             for stage in split_model(meta_model, self.pp.rank, self.pp.size, p.pp_virtual_stages, t.seq_len)
         ]
         self.model = merge_stages(stages)  # this rank's parameters under their full names
+        self.moe_stats = MoEStepStats(self.model)
         # ZeROCache, the data-parallel engine, shards over dp × cp; the mesh also tells it the tp
         # slices (partial gradients, norm, checkpoint places) and the pp stages (norm) it holds.
         self.optimizer = ZeROCacheOptimizer.from_config(self.model, self.mesh, cfg)
@@ -116,7 +129,7 @@ class Trainer:
         head = stages[-1]
         self.runner = PipelineRunner(
             stages, schedule[self.pp.rank], self.pp,
-            lambda logits, targets: vocab_parallel_cross_entropy(logits, targets, self.tp, *vocab_slice(head)).mean(),
+            lambda logits, targets: self._loss(logits, targets, vocab_slice(head)),
             activation_shape=(t.micro_batch, t.seq_len // hidden_seq_shards, cfg.model.dim),
             device=self.device, autocast=self.autocast,
         )
@@ -124,7 +137,12 @@ class Trainer:
         self.step = 0
         if resume_from:
             self.step = self._load(resume_from, resume_record)
+        elif init_from:
+            self._load(init_from, init_record, weights_only=True)
 
+        # Rank 0's TensorBoard / W&B writers, made before anything else is written: a missing
+        # package stops every rank with one line and leaves the output folder as it was.
+        loggers = self._on_rank0(lambda: build_loggers(cfg, self.output_dir, self.step)) or []
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             save_config(cfg, self.output_dir / "config.yaml")
@@ -132,12 +150,15 @@ class Trainer:
         self.flops_per_step = flops_per_token(cfg.model, t.seq_len) * tokens_per_step
         self.peak_flops = peak_flops(self.device, cfg.precision.dtype)
         self.metrics = MetricsLogger(
-            self.output_dir / "metrics.jsonl", t.steps, enabled=self.rank == 0, resume_step=self.step
+            self.output_dir / "metrics.jsonl", t.steps, enabled=self.rank == 0, resume_step=self.step, loggers=loggers
         )
         for note in notes:
             self.metrics.message(f"warning: {note}")
         if resume_from:
-            self.metrics.message(f"resumed from {resume_from} at step {self.step}")
+            unused = f" (train.init_from={t.init_from} applies only to a fresh run)" if t.init_from else ""
+            self.metrics.message(f"resumed from {resume_from} at step {self.step}{unused}")
+        elif init_from:
+            self.metrics.message(f"initialised from the weights of {init_from}")
         self.skips = SkipCounter(t.max_skipped_steps)
 
     # -----------------------------------------------------------------------------------------
@@ -195,23 +216,38 @@ class Trainer:
             raise UserError(f"train.resume={resume} does not exist; pass a step_<N> checkpoint folder, auto or never")
         return path, ckpt.read_train_state(path), []
 
-    def _check_same_model(self, folder: Path) -> None:
+    def _find_init_point(self) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
+        """The checkpoint `train.init_from` names (a step_<N> folder, an imported one or a run's
+        output_dir) and its verified record; consulted only when there is nothing to resume."""
+        init_from = self.cfg.train.init_from
+        if init_from is None:
+            return None, None
+        try:
+            folder = ckpt.resolve_checkpoint(Path(init_from))
+        except UserError as e:
+            raise UserError(f"train.init_from: {e}") from None
+        return folder, ckpt.read_train_state(folder)
+
+    def _check_same_model(self, folder: Path, fix: str) -> None:
         saved = ckpt.checkpoint_config(folder).model
         if saved != self.cfg.model:
             diffs = [f"model.{k}={getattr(saved, k)}" for k in vars(saved) if getattr(saved, k) != getattr(self.cfg.model, k)]
             raise UserError(
                 f"checkpoint {folder} holds a different model ({', '.join(diffs)}); "
-                "use the same model section or set train.resume=never"
+                f"use the same model section or {fix}"
             )
 
-    def _load(self, folder: Path, record: dict[str, Any]) -> int:
-        """Load model (and, for a training checkpoint, optimizer, sampler, RNG); return the next step."""
+    def _load(self, folder: Path, record: dict[str, Any], weights_only: bool = False) -> int:
+        """Load model (and, for a training checkpoint, optimizer, sampler, RNG); return the next step.
+
+        `weights_only` (train.init_from) takes the model's weights alone: fresh optimizer moments,
+        step 0 and its own LR schedule, whatever else the checkpoint holds."""
         state = self._checkpoint_state()
-        training_checkpoint = ckpt.has_optimizer_state(record)
+        training_checkpoint = ckpt.has_optimizer_state(record) and not weights_only
         if not training_checkpoint:
             del state["optim"]  # weights only (e.g. imported): the moments start at zero
         stored = ckpt.stored_keys(folder)  # buffers of features the saving run had (FP8 scaling state)
-        state["buffers"] = {k: v for k, v in state["buffers"].items() if f"buffers.{k}" in stored}
+        state["buffers"] = {k: v for k, v in state["buffers"].items() if f"buffers.{k}" in stored and not weights_only}
         ckpt.load_state(folder, state)
         self.optimizer.load_state_dict(state)
         self.model.load_state_dict(state["buffers"], strict=False)
@@ -288,8 +324,20 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad()
         update_float8_scales(self.model)  # delayed FP8 scaling advances every step, skipped ones too
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "comm_bytes": self._comm_bytes(),
-                "data_wait_s": self.batches.wait_s}
+        stats = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
+        if self.moe_stats.layers:  # routing over the whole batch; aux-free biases move only on a taken step
+            stats.update(self.moe_stats.finish_step(lambda t: all_reduce(t, self.data_group), update_bias=not skipped))
+        return {**stats, "comm_bytes": self._comm_bytes(), "data_wait_s": self.batches.wait_s}
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor, vocab: tuple[int, int]) -> torch.Tensor:
+        """A microbatch's mean cross-entropy; in training, plus the MoE layers' auxiliary losses, added
+        as a term of value zero: backward trains the router on them while the loss reported stays
+        the language model's, comparable with dense runs and val_loss (moe_aux_loss is logged apart)."""
+        loss = vocab_parallel_cross_entropy(logits, targets, self.tp, *vocab).mean()
+        if self.moe_stats.layers and torch.is_grad_enabled():
+            aux_loss = self.moe_stats.add_microbatch()
+            loss = loss + (aux_loss - aux_loss.detach())
+        return loss
 
     def host_rows(self, sampler, step: int) -> list[torch.Tensor]:
         """This rank's rows of `step`'s global batch on the host, one tensor per microbatch (pinned

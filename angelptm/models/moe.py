@@ -1,0 +1,349 @@
+"""The mixture-of-experts feed-forward layer: a top-k router, SwiGLU experts computed as grouped
+GEMMs over the tokens sorted by expert, optional shared experts, and the routing losses.
+
+The layer is plain PyTorch and knows nothing of parallelism. Its forward is four steps, each a
+function of its own so that expert parallelism can replace the local ones with all-to-alls:
+
+    route     each token picks its top-k experts and their gate weights      (`Router`)
+    dispatch  the token copies sorted by expert, those over capacity dropped (`sort_by_expert`)
+    compute   each expert's SwiGLU over its contiguous run of rows           (`GroupedExperts`)
+    combine   expert outputs weighted by their gates, summed per token       (`combine`)
+
+Each forward leaves its `RoutingStats` in `last_routing`; `MoEStepStats` collects them over a
+training step for the loss, the metrics and the auxiliary-loss-free bias update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from angelptm.config import MoEConfig
+
+GROUPED_MM_ALIGN_BYTES = 16  # the CUDA grouped GEMM wants every row of its operands 16-byte aligned
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped GEMM: rows of x in contiguous groups, group g multiplied by weight[g]
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    """(N, in) rows in groups, group g ending at row group_ends[g], times weight[g].T of (G, out, in):
+    (N, out), as one `torch._grouped_mm`. Stored as nn.Linear's (out, in), the transposed view is
+    the column-major operand the CUDA kernel wants."""
+    return torch._grouped_mm(x, weight.transpose(-2, -1), offs=group_ends)
+
+
+def looped_linear(x: torch.Tensor, weight: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
+    """What `grouped_linear` computes, one matmul per group (the fallback where it is missing or
+    refuses the device or dtype)."""
+    return torch.cat([rows @ w.T for rows, w in zip(x.split(group_sizes), weight)])
+
+
+@torch.compiler.disable  # a real forward and backward, run once, never traced into a compiled block
+@functools.cache
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` exists here and matches `looped_linear`, forward and backward, on
+    `device` in `dtype` with an empty group among uneven ones; probed once per device and dtype
+    (the CUDA kernel takes bf16 on recent GPUs only, the CPU one what this torch build has)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 32, generator=gen)
+    weight = torch.randn(3, 16, 32, generator=gen)
+    grad = torch.randn(48, 16, generator=gen)
+    sizes = [16, 0, 32]
+    ends = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
+    results = []
+    for linear in (functools.partial(grouped_linear, group_ends=ends), functools.partial(looped_linear, group_sizes=sizes)):
+        xi = x.to(device, dtype).requires_grad_()
+        wi = weight.to(device, dtype).requires_grad_()
+        try:
+            with _plain_autograd(device):
+                out = linear(xi, wi)
+                out.backward(grad.to(device, dtype))
+        except (RuntimeError, NotImplementedError):
+            return False
+        results.append([t.float().cpu() for t in (out, xi.grad, wi.grad)])
+    tolerance = 1e-2 if dtype.itemsize < 4 else 1e-4
+    return all(torch.allclose(a, b, rtol=tolerance, atol=tolerance * 10) for a, b in zip(*results))
+
+
+@contextlib.contextmanager
+def _plain_autograd(device: torch.device):
+    """Gradients on, autocast off, and identity saved-tensor hooks: the first call can come from
+    a no_grad forward or from inside activation checkpointing, whose hooks would otherwise take
+    the probe's saved tensors for the block's."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        yield
+
+
+def _rows_aligned(*tensors: torch.Tensor) -> bool:
+    return all(t.shape[-1] * t.element_size() % GROUPED_MM_ALIGN_BYTES == 0 for t in tensors)
+
+
+class GroupedExperts(nn.Module):
+    """`n_experts` SwiGLU MLPs, w2(silu(w1 x) * w3 x), each weight kind stacked in one parameter in
+    nn.Linear's (out, in) layout per expert: w1, w3 (E, hidden, dim) and w2 (E, dim, hidden).
+
+    The rows of the input come sorted by expert; `tokens_per_expert[e]` of them go to expert e
+    (zero is fine). Set `allow_grouped_mm` False to force the per-expert matmuls.
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.allow_grouped_mm = True
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast does not cast for the grouped GEMM; do what it does for nn.Linear.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w1, w2, w3 = (t.to(dtype) for t in (x, w1, w2, w3))
+        if self.allow_grouped_mm and _rows_aligned(x, w2) and grouped_mm_works(x.device, x.dtype):
+            linear = functools.partial(grouped_linear, group_ends=tokens_per_expert.cumsum(0).to(torch.int32))
+        else:
+            linear = functools.partial(looped_linear, group_sizes=tokens_per_expert.tolist())
+        return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Route
+
+
+@dataclass
+class Routing:
+    experts: torch.Tensor  # (tokens, k) the chosen experts of each token
+    gates: torch.Tensor  # (tokens, k) float32 weights of their outputs
+    probs: torch.Tensor  # (tokens, n_experts) float32 router probabilities, for the balancing loss
+    logits: torch.Tensor  # (tokens, n_experts) float32, for the z-loss
+
+
+class Router(nn.Module):
+    """Scores every expert for every token and keeps the top k, in float32 whatever autocast says.
+
+    softmax: probabilities over the experts (Mixtral). sigmoid: an independent score per expert
+    (DeepSeek-V3), probabilities for the balancing loss being the scores normalised per token.
+    With k > 1 the gates are the chosen scores normalised to sum to 1 (Mixtral, DeepSeek-V3,
+    Qwen3-MoE); a single expert keeps its raw score, so the router still learns from the
+    language-model loss (Switch). With `aux_free` a per-expert bias (a buffer, not a parameter)
+    is added to the scores for the choice only, never to the gates, and `update_bias` moves it
+    outside autograd toward balance.
+    """
+
+    def __init__(self, dim: int, n_experts: int, top_k: int, score: str, aux_free: bool):
+        super().__init__()
+        self.top_k, self.score = top_k, score
+        self.weight = nn.Parameter(torch.empty(n_experts, dim))  # not an nn.Linear: FP8 conversion skips it
+        self.expert_bias: Optional[torch.Tensor]
+        self.register_buffer("expert_bias", torch.zeros(n_experts) if aux_free else None)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        if self.score == "softmax":
+            scores = probs = logits.softmax(dim=-1)
+        else:
+            scores = logits.sigmoid()
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        choice = scores if self.expert_bias is None else scores + self.expert_bias
+        experts = choice.topk(self.top_k, dim=-1).indices
+        gates = scores.gather(-1, experts)
+        if self.top_k > 1:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return Routing(experts, gates, probs, logits)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: torch.Tensor, rate: float) -> None:
+        """DeepSeek-V3's step: raise the bias of each expert loaded below the mean by `rate`, lower
+        each one above it by `rate`."""
+        load = tokens_per_expert.to(self.expert_bias)
+        self.expert_bias += rate * torch.sign(load.mean() - load)
+
+    def reset_bias(self) -> None:
+        """Back to no bias (the state a new model starts in; `to_empty` leaves buffers unset)."""
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch and combine
+
+
+def expert_capacity(capacity_factor: float, tokens: int, top_k: int, n_experts: int) -> int:
+    """ceil(capacity_factor · tokens · k / E) token copies per expert."""
+    return math.ceil(capacity_factor * tokens * top_k / n_experts)
+
+
+def sort_by_expert(experts: torch.Tensor, n_experts: int, capacity: Optional[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order the token copies (slot t·k + j: token t's j-th choice) by expert.
+
+    Returns (slots, kept per expert, routed per expert): `slots` lists the kept slots expert by
+    expert, each expert's in token order (a stable sort). With a capacity an expert keeps its
+    first `capacity` copies by token position (the flattened batch, row by row) and drops the
+    rest; a dropped copy adds nothing to its token, whose other choices and residual stream go on.
+    """
+    flat = experts.reshape(-1)
+    routed = torch.bincount(flat, minlength=n_experts)
+    slots = torch.argsort(flat, stable=True)
+    if capacity is None:
+        return slots, routed, routed
+    first_of_expert = routed.cumsum(0) - routed
+    rank_in_expert = torch.arange(flat.numel(), device=flat.device) - first_of_expert[flat[slots]]
+    return slots[rank_in_expert < capacity], routed.clamp(max=capacity), routed
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x[slots // k]: each kept slot's token row. The backward puts each row's gradient in its own
+    slot and sums every token's k slots, with no accumulating scatter (which torch runs serially
+    on CPU for the backward of plain indexing)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, slots: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(slots)
+        ctx.top_k, ctx.n_tokens = top_k, x.shape[0]
+        return x[slots // top_k]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (slots,) = ctx.saved_tensors
+        per_slot = grad.new_zeros(ctx.n_tokens * ctx.top_k, grad.shape[1])
+        per_slot[slots] = grad
+        return per_slot.view(ctx.n_tokens, ctx.top_k, -1).sum(dim=1), None, None
+
+
+def gather_tokens(x: torch.Tensor, slots: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The rows the experts compute on: token slots // k of x (tokens, dim), in the order of `slots`."""
+    return _GatherTokens.apply(x, slots, top_k)
+
+
+def combine(expert_out: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Each token's output: its experts' rows weighted by their gates and summed (a dropped slot
+    adds zero). expert_out (kept, dim) in the order of `slots`; gates (tokens, k) -> (tokens, dim)."""
+    tokens, top_k = gates.shape
+    per_slot = expert_out.new_zeros(tokens * top_k, expert_out.shape[1])
+    per_slot[slots] = expert_out  # each slot once: a plain scatter, its backward a gather
+    return torch.bmm(gates.to(expert_out.dtype).unsqueeze(1), per_slot.view(tokens, top_k, -1)).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer
+
+
+@dataclass
+class RoutingStats:
+    """What one forward of an MoE layer leaves for the trainer."""
+
+    aux_loss: torch.Tensor  # differentiable scalar: the balancing loss and z-loss, coefficients applied
+    tokens_per_expert: torch.Tensor  # (n_experts,) token copies the router sent to each expert
+    dropped: torch.Tensor  # scalar: copies dropped over capacity
+
+
+def load_balancing_loss(experts: torch.Tensor, probs: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Switch / Mixtral: E · sum_i f_i · P_i, f_i the fraction of the token copies routed to expert
+    i (counts, no gradient), P_i the mean router probability of expert i; 1 when balanced."""
+    n_experts = probs.shape[-1]
+    fraction = tokens_per_expert.to(probs.dtype) / experts.numel()
+    return n_experts * (fraction * probs.mean(dim=0)).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss: the mean over tokens of logsumexp(logits)², which keeps logits small."""
+    return logits.logsumexp(dim=-1).square().mean()
+
+
+class MoE(nn.Module):
+    """x (..., dim) -> (..., dim): routed SwiGLU experts, plus shared experts every token passes
+    through (any module of x, e.g. a dense SwiGLU of n_shared_experts · expert_ffn_dim).
+
+    Dropless unless `cfg.capacity_factor` is set (see `sort_by_expert` for which copies drop).
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig, shared_experts: Optional[nn.Module] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(dim, cfg.n_experts, cfg.top_k, cfg.router, aux_free=cfg.balance == "aux_free")
+        self.experts = GroupedExperts(cfg.n_experts, dim, cfg.expert_ffn_dim)
+        self.shared_experts = shared_experts
+        self.last_routing: Optional[RoutingStats] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        tokens = x.reshape(-1, x.shape[-1])
+        routing = self.router(tokens)
+        capacity = None if cfg.capacity_factor is None else expert_capacity(
+            cfg.capacity_factor, tokens.shape[0], cfg.top_k, cfg.n_experts)
+        slots, kept, routed = sort_by_expert(routing.experts, cfg.n_experts, capacity)
+        expert_out = self.experts(gather_tokens(tokens, slots, cfg.top_k), kept)
+        out = combine(expert_out, slots, routing.gates)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
+        self.last_routing = RoutingStats(self._aux_loss(routing, routed), routed, routed.sum() - kept.sum())
+        return out.view_as(x)
+
+    def _aux_loss(self, routing: Routing, routed: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        loss = routing.logits.new_zeros(())
+        if cfg.balance == "aux_loss" and cfg.aux_loss_coef:
+            loss = loss + cfg.aux_loss_coef * load_balancing_loss(routing.experts, routing.probs, routed)
+        if cfg.z_loss_coef:
+            loss = loss + cfg.z_loss_coef * z_loss(routing.logits)
+        return loss
+
+
+class MoEStepStats:
+    """The routing statistics of a model's MoE layers, summed over one training step.
+
+    `add_microbatch` after each forward returns the auxiliary loss to train on; `finish_step`
+    after the step turns the sums into metrics and, for aux-free balancing, moves the biases.
+    Sums over data-parallel ranks go through the `all_reduce_sum` the caller passes.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, MoE)]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tokens_per_expert: Optional[torch.Tensor] = None  # (layers, n_experts)
+        self.dropped = self.aux_loss = self.microbatches = 0.0
+
+    def add_microbatch(self) -> torch.Tensor:
+        """Record the forward just run; return the sum of its layers' auxiliary losses."""
+        stats = [layer.last_routing for layer in self.layers]
+        aux_loss = torch.stack([s.aux_loss for s in stats]).sum()
+        tokens = torch.stack([s.tokens_per_expert for s in stats])
+        self.tokens_per_expert = tokens if self.tokens_per_expert is None else self.tokens_per_expert + tokens
+        self.dropped = self.dropped + sum(s.dropped for s in stats)
+        self.aux_loss = self.aux_loss + aux_loss.detach()
+        self.microbatches += 1
+        return aux_loss
+
+    def finish_step(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], update_bias: bool) -> dict[str, float]:
+        """moe_aux_loss (the mean over microbatches and ranks), moe_max_load (the busiest expert's
+        token copies over the mean, in the most unbalanced layer, over the whole step) and
+        moe_dropped (copies dropped over capacity in the step, all layers); then start a new step."""
+        tokens = self.tokens_per_expert.to(torch.float64)  # exact counts beyond float32's 2^24
+        totals = all_reduce_sum(torch.cat([tokens.flatten(), torch.stack([
+            torch.as_tensor(v, dtype=torch.float64, device=tokens.device)
+            for v in (self.dropped, self.aux_loss, self.microbatches)])]))
+        tokens = totals[:tokens.numel()].view_as(tokens)
+        dropped, aux_loss, microbatches = totals[tokens.numel():].tolist()
+        if update_bias:
+            for layer, load in zip(self.layers, tokens):
+                if layer.router.expert_bias is not None:
+                    layer.router.update_bias(load, layer.cfg.bias_update_rate)
+        max_load = (tokens.max(dim=1).values / tokens.mean(dim=1).clamp(min=1e-12)).max().item()
+        self._reset()
+        return {"moe_aux_loss": aux_loss / microbatches, "moe_max_load": max_load, "moe_dropped": int(dropped)}
