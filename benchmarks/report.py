@@ -54,16 +54,17 @@ def find_ratios(node: Any, where: tuple[str, ...] = (), group: Optional[str] = N
     found = defaultdict(list) if found is None else found
     if isinstance(node, dict):
         for key, child in node.items():
-            if _is_ratio_key(key) and _value(child) is not None:
-                if group:  # an entry of a `ratios` mapping
-                    name, label = group, " / ".join(where + (key,))
+            if (group or _is_ratio_key(key)) and _value(child) is not None:
+                if group:  # an entry of a `ratios` mapping, or of a ratio's mapping by side
+                    name, label = group, " / ".join([w for w in where if w != group] + [key])
                 elif where:  # inside rows or nested mappings: a panel per key, a bar per place
                     name, label = key, " / ".join(where)
                 else:  # a top-level number: one panel of them per kind
                     name, label = ("fractions" if "fraction" in key else "ratios"), key
                 found[name].append((label, *_value(child)))
             elif isinstance(child, (dict, list)):
-                inner = key if key == "ratios" else group  # a `ratios` mapping: one panel of its entries
+                # A `ratios` mapping, or a ratio given per side (`speedup_vs_x: {side: ...}`): one panel of its entries.
+                inner = key if key == "ratios" or (group is None and _is_ratio_key(key)) else group
                 find_ratios(child, where + (() if key in STRUCTURE_KEYS else (key,)), inner, found)
     elif isinstance(node, list):
         for i, item in enumerate(node):
