@@ -26,6 +26,7 @@ from angelptm.models.hf import config_from_hf, export_hf, import_hf
 from angelptm.models.llama import build_llama
 from angelptm.train.checkpoint import load_model, save_model_checkpoint
 from conftest import one_line
+from test_hf import randomize  # every parameter random, biases too; norm weights near one
 
 SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              intermediate_size=96, vocab_size=300, max_position_embeddings=128)
@@ -52,15 +53,6 @@ ARCHITECTURES = {
                                                "factor": 1.0}},
                           {"qk_norm": "after_rope", "rope_theta": 10000.0 * 50.0 ** (16 / 14)}),
 }
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Random values for every parameter (biases too); norm weights near one so activations stay in range."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        noise = torch.randn(param.shape, generator=gen)
-        param.copy_(1 + 0.1 * noise if "norm" in name else 0.05 * noise)
 
 
 def save_hf_model(folder: Path, config_class, extra: dict) -> Path:

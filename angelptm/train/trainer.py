@@ -246,8 +246,9 @@ class Trainer:
         training_checkpoint = ckpt.has_optimizer_state(record) and not weights_only
         if not training_checkpoint:
             del state["optim"]  # weights only (e.g. imported): the moments start at zero
-        stored = ckpt.stored_keys(folder)  # buffers of features the saving run had (FP8 scaling state)
-        state["buffers"] = {k: v for k, v in state["buffers"].items() if f"buffers.{k}" in stored and not weights_only}
+        # Buffers of features the saving run had (FP8 scaling state, MoE routing biases); none for weights only.
+        stored = set() if weights_only else ckpt.stored_keys(folder)
+        state["buffers"] = {k: v for k, v in state["buffers"].items() if f"buffers.{k}" in stored}
         ckpt.load_state(folder, state)
         self.optimizer.load_state_dict(state)
         self.model.load_state_dict(state["buffers"], strict=False)
