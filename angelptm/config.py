@@ -84,6 +84,7 @@ class ParallelConfig:
     pp_virtual_stages: int = 1
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = 600.0  # a collective that waits longer (a stalled or dead peer) ends every rank
+    ep: int = 1  # expert parallelism: experts split over ep ranks carved from dp × cp (ep divides dp·cp)
 
 
 @dataclass
@@ -146,6 +147,9 @@ class DataConfig:
     sources: list[BlendSourceConfig] = field(default_factory=list)  # a weighted blend instead of source/path
     valid: Optional[Union[str, list[BlendSourceConfig]]] = None  # a token file (or Megatron) prefix, or a blend
     valid_fraction: float = 0.0  # else hold out this fraction of the training documents
+    format: Literal["text", "sft"] = "text"  # sft: rows of a `prepare --sft` token file, loss on its mask only
+    pack: bool = False  # several documents per sequence; attention and positions restart at each document
+    overlong: Literal["truncate", "drop"] = "truncate"  # format=sft: a sample longer than train.seq_len
 
 
 LoggerName = Literal["jsonl", "tensorboard", "wandb"]
@@ -185,6 +189,21 @@ class TrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters on the named projections (`angelptm.finetune.lora`); rank 0 = full fine-tuning."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+
+
+@dataclass
+class FinetuneConfig:
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -193,6 +212,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

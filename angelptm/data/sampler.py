@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from angelptm.data.builder import TokenDataset
+from angelptm.data.rows import Rows
 from angelptm.errors import UserError
 
 
@@ -46,6 +47,10 @@ class SamplerState:
     seed: int
     seq_len: int
     global_batch: int
+
+    def microbatch(self, step: int, start: int, count: int) -> Rows:
+        """Rows start .. start + count of `step`'s global batch as the trainer takes them."""
+        return Rows.from_windows(self.rows(step, start, count))
 
     def state_dict(self, next_step: int) -> dict:
         """JSON-serialisable position (the step the run continues with) and what fixes the order."""
