@@ -96,3 +96,21 @@ def test_a_short_training_run_on_a_megatron_pair(tmp_path, one_thread, own_proce
     record = Trainer(tiny_config(tmp_path / "run", data=data, train={"steps": 2})).fit()
     assert record["step"] == 2 and np.isfinite(record["loss"])
     assert record["tokens_by_source"] == {str(tmp_path / "c"): 2 * 8 * 32}
+
+
+def test_the_id_range_is_scanned_on_the_first_open_only(tmp_path, monkeypatch):
+    """A terabyte .bin is read end to end once, not at every start; a .bin rewritten since is scanned again."""
+    import os
+
+    import angelptm.data.megatron as megatron
+
+    monkeypatch.setenv("ANGELPTM_CACHE", str(tmp_path / "cache"))
+    scans = []
+    scan = megatron._id_range
+    monkeypatch.setattr(megatron, "_id_range", lambda tokens: scans.append(len(tokens)) or scan(tokens))
+    write_megatron(tmp_path / "c", [[[5, 7, 300]]], 8)
+    assert [megatron_dataset(str(tmp_path / "c")).vocab_size for _ in range(3)] == [301] * 3
+    assert scans == [3]
+    write_megatron(tmp_path / "c", [[[5, 7, 900]]], 8)  # same size and index: only the contents differ
+    os.utime(tmp_path / "c.bin", ns=(1, os.stat(tmp_path / "c.bin").st_mtime_ns + 10**9))
+    assert megatron_dataset(str(tmp_path / "c")).vocab_size == 901 and scans == [3, 3]

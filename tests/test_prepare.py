@@ -3,6 +3,7 @@ and the whole path a user takes: import-hf -> prepare -> train -> export-hf -> t
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -196,6 +197,29 @@ def test_import_prepare_train_export_round_trip(tmp_path, tok_dir, capsys):
     assert main(["generate", str(run), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0"]) == 0
     ours = capsys.readouterr().out.split("---\n", 1)[1].rstrip("\n")
     assert ours == theirs.decode(ids[0], skip_special_tokens=True)
+
+
+def test_an_imported_checkpoint_keeps_its_tokenizer_when_moved(tmp_path, tok_dir, capsys, monkeypatch):
+    """import-hf names the tokenizer copy by the output path as given; a moved checkpoint reads its own copy."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(str(tok_dir))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=640, max_position_embeddings=64, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id)).save_pretrained(tmp_path / "hf")
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp_path / "hf")
+    (tmp_path / "place").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["import-hf", "hf", "place/imported"]) == 0
+    assert "tokenizer: place/imported/tokenizer\n" in (tmp_path / "place" / "imported" / "config.yaml").read_text()
+    os.rename(tmp_path / "place", tmp_path / "moved")
+    assert main(["export-hf", str(tmp_path / "moved" / "imported"), str(tmp_path / "out")]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")("def f")["input_ids"] == tok.encode("def f", bos=True, eos=False)
+    assert main(["generate", str(tmp_path / "moved" / "imported"), "--prompt", "def f", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize("suffix, compress", [(".gz", gzip.compress),

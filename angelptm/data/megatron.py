@@ -9,19 +9,28 @@ The `.bin` holds every sequence's ids back to back. It is memory-mapped with the
 names, never copied or converted, so a document is a slice of one flat stream as in a `TokenFile`.
 
 The identity a checkpoint records is a digest of the index and the `.bin`'s size: hashing a
-terabyte `.bin` at every start would take longer than many runs. The id range is scanned once
-per open (a sequential read of the `.bin`), since a Megatron file does not record its vocabulary.
+terabyte `.bin` at every start would take longer than many runs. A Megatron file does not record
+its vocabulary, so the id range is scanned (a sequential read of the `.bin`) on the first open
+only and kept in the cache folder under that identity and the `.bin`'s modification time; the
+user's data folder is never written to.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from angelptm.data.builder import TokenDataset
+from angelptm.data.sources import cache_dir
 from angelptm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -57,12 +66,13 @@ class MegatronDataset(TokenDataset):
         if tokens_total == 0:
             raise UserError(f"Megatron dataset {prefix} holds no tokens; point data.path at a non-empty one")
         tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(tokens_total,))
-        lowest, highest = _id_range(tokens)
-        if lowest < 0:
-            raise UserError(f"Megatron data file {bin_path} holds a negative id ({lowest}); it is not token data")
         digest = hashlib.sha256(np.ascontiguousarray(index).data)
         digest.update(str(bin_path.stat().st_size).encode())
-        super().__init__(tokens, int(highest) + 1, "megatron", "megatron-idx-sha256:" + digest.hexdigest(),
+        identity = "megatron-idx-sha256:" + digest.hexdigest()
+        lowest, highest = _cached_id_range(tokens, bin_path, identity)
+        if lowest < 0:
+            raise UserError(f"Megatron data file {bin_path} holds a negative id ({lowest}); it is not token data")
+        super().__init__(tokens, int(highest) + 1, "megatron", identity,
                          name=str(prefix), doc_offsets=starts[documents[:-1]] // dtype.itemsize)
 
 
@@ -99,6 +109,26 @@ def _id_range(tokens: np.ndarray) -> tuple[int, int]:
     for start in range(0, len(tokens), SCAN_CHUNK):
         chunk = tokens[start:start + SCAN_CHUNK]
         lowest, highest = min(lowest, int(chunk.min())), max(highest, int(chunk.max()))
+    return lowest, highest
+
+
+def _cached_id_range(tokens: np.ndarray, bin_path: Path, identity: str) -> tuple[int, int]:
+    """`_id_range(tokens)`, scanned once per (identity, modification time) and then read from the cache."""
+    key = hashlib.sha256(f"{identity} {bin_path.stat().st_mtime_ns}".encode()).hexdigest()[:24]
+    path = cache_dir() / "megatron-id-range" / f"{key}.json"
+    try:
+        cached = json.loads(path.read_text())
+        return int(cached["lowest"]), int(cached["highest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not scanned yet, or an unreadable entry: scan again
+    lowest, highest = _id_range(tokens)
+    try:  # a cache that cannot be written costs the next open a scan, nothing more
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            json.dump({"lowest": lowest, "highest": highest, "bin": str(bin_path)}, f)
+        os.replace(f.name, path)
+    except OSError as e:
+        log.warning("could not cache the id range of %s in %s (%s); the next open scans it again", bin_path, path, e)
     return lowest, highest
 
 

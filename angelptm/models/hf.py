@@ -41,6 +41,7 @@ from angelptm.models.hf_families import (
 from angelptm.models.llama import build_llama
 from angelptm.dcp_safe import read_metadata_file
 from angelptm.train.checkpoint import (
+    OWN_TOKENIZER,
     fsync_tree,
     checkpoint_config,
     load_model,
@@ -297,8 +298,10 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         if tokenizer.vocab_size > model_cfg.vocab_size:
             raise UserError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} ids but config.json's vocab_size is "
                             f"{model_cfg.vocab_size}; pair the model with its own tokenizer")
-        files = {f"tokenizer/{name}": data for name, data in tokenizer_files(tokenizer).items()}
-        cfg.data.tokenizer = str(out_dir.resolve() / "tokenizer")
+        files = {f"{OWN_TOKENIZER}/{name}": data for name, data in tokenizer_files(tokenizer).items()}
+        # As given: `angelptm train imported/config.yaml` from the same folder finds it; readers of
+        # the checkpoint itself (export-hf, generate, init_from) take its own copy wherever it moved.
+        cfg.data.tokenizer = str(out_dir / OWN_TOKENIZER)
     return save_model_checkpoint(out_dir, cfg, state, files)
 
 

@@ -40,6 +40,7 @@ from angelptm.train.faults import TrainingStopped
 
 FORMAT_VERSION = 1
 STEP_PREFIX = "step_"
+OWN_TOKENIZER = "tokenizer"  # the folder in a checkpoint that holds a copy of its tokenizer's files
 # Names of folders on their way in or out, beside the step_<N> folders. A kill at any moment leaves
 # a complete step_<N>, or a complete one under ASIDE_PREFIX that `recover_interrupted_saves` puts back.
 TMP_PREFIX, ASIDE_PREFIX, PRUNED_PREFIX = ".tmp_", ".replaced_", ".pruned_"
@@ -378,11 +379,16 @@ def restore_rng(folder: Path) -> None:
 
 def checkpoint_config(folder: Path) -> Config:
     """The config a checkpoint was written with (its file is in the manifest, so read_train_state
-    has already checked it against its checksum)."""
+    has already checked it against its checksum). A checkpoint that keeps its own tokenizer
+    (`import-hf`'s `tokenizer/`) is read with that copy, wherever the folder has been moved since."""
     try:
-        return load_config(Path(folder) / "config.yaml")
+        cfg = load_config(Path(folder) / "config.yaml")
     except ConfigError as e:
         raise dcp_safe.corrupt(Path(folder), f"config.yaml: {e}") from None
+    own = Path(folder) / OWN_TOKENIZER
+    if (own / "tokenizer.json").is_file():
+        cfg.data.tokenizer = str(own)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
