@@ -1,9 +1,10 @@
 """`angelptm plan`: memory per rank, FLOPs, communication, step time and MFU for a config on N GPUs.
 
 `plan(cfg, world_size, hardware)` prices the layout a config asks for; `search(...)` enumerates
-layouts (tp inside a node, pp, cp, dp, ZeRO stage, microbatch size, activation checkpointing,
-pipeline schedule) and ranks those that fit by estimated throughput. Both are arithmetic on the
-config (`angelptm.planning`): no model is built, so a 1T-parameter plan takes milliseconds.
+layouts (tp inside a node, pp, cp, dp, ep for an MoE model, ZeRO stage, microbatch size,
+activation checkpointing, pipeline schedule) and ranks those that fit by estimated throughput.
+Both are arithmetic on the config (`angelptm.planning`): no model is built, so a 1T-parameter
+plan takes milliseconds.
 An impossible layout comes back with `valid=False` and the reasons, never as an exception.
 """
 
@@ -18,11 +19,12 @@ from typing import Optional, Union
 from angelptm.config import Config, load_config
 from angelptm.errors import UserError
 from angelptm.planning.hardware import Hardware, resolve_hardware
+from angelptm.planning.layer_time import all_to_all_bytes
 from angelptm.planning.layout import Layout, layout_from_config, layout_problems
 from angelptm.planning.memory import GIB, Memory, memory
 from angelptm.planning.model import ANGELPTM, Implementation, ModelShape, model_shape
 from angelptm.planning.search import candidate_layouts
-from angelptm.planning.timing import OVERLAP, Comm, Timing, timing
+from angelptm.planning.timing import MOE_OVERLAP, OVERLAP, Comm, Timing, timing
 
 
 @dataclass
@@ -30,7 +32,8 @@ class Plan:
     """One layout priced: memory per rank, communication, step time, and whether it runs and fits."""
 
     arch: str
-    params: int
+    params: int  # every expert of an MoE model
+    active_params: int  # those one token passes through
     hardware: str
     world_size: int
     layout: Layout
@@ -52,9 +55,10 @@ def evaluate(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Implem
     """Price one layout of one model; the shared step of `plan` and `search` (which skips timing
     layouts that do not fit). `world_problems` say why the degrees do not fill the world."""
     reasons = [*world_problems, *layout_problems(m, lay, cfg, hw)]
-    result = Plan(arch=m.arch, params=m.num_params, hardware=hw.name, world_size=lay.world_size,
-                  layout=lay, microbatches=lay.microbatches(cfg.train.global_batch), valid=not reasons,
-                  fits=False, reasons=reasons, memory=None, timing=None, comm=None)
+    result = Plan(arch=m.arch, params=m.num_params, active_params=m.active_params, hardware=hw.name,
+                  world_size=lay.world_size, layout=lay, microbatches=lay.microbatches(cfg.train.global_batch),
+                  valid=not reasons, fits=False, reasons=reasons, memory=None, timing=None, comm=None,
+                  assumptions=OVERLAP + (MOE_OVERLAP if m.n_experts else ()))
     if reasons:
         return result
     mem, zb = memory(m, lay, cfg, hw, impl)
@@ -107,9 +111,9 @@ def search(cfg: Config, world_size: int, hardware: Union[str, Hardware] = "h100"
                 fitting.append(p)
                 break
     # Fastest first; between equals (communication fully hidden) the simpler layout: lower ZeRO
-    # stage, fewer context-parallel, pipeline and tensor-parallel ranks, then more memory free.
+    # stage, fewer context-parallel, pipeline, tensor- and expert-parallel ranks, then more memory free.
     fitting.sort(key=lambda p: (-p.timing.tokens_per_s, p.layout.zero_stage, p.layout.cp, p.layout.pp,
-                                p.layout.tp, p.memory.device_total))
+                                p.layout.tp, p.layout.ep, p.memory.device_total))
     return fitting[:top]
 
 
@@ -129,10 +133,17 @@ def _si(x: float, unit: str = "") -> str:
 
 
 def render(p: Plan, cfg: Config) -> str:
-    md = cfg.model
+    md, moe = cfg.model, cfg.model.moe
     lines = [
         f"model     {p.arch} {p.params / 1e9:.2f}B parameters: dim {md.dim}, {md.n_layers} layers, "
         f"{md.n_heads} heads / {md.n_kv_heads} kv, ffn {md.ffn_dim}, vocab {md.vocab_size}",
+    ]
+    if moe.n_experts:
+        lines.append(
+            f"experts   {moe.n_experts} routed (top {moe.top_k}, ffn {moe.expert_ffn_dim}), "
+            f"{moe.n_shared_experts} shared, first {moe.first_dense_layers} layers dense; "
+            f"{p.active_params / 1e9:.2f}B parameters active per token")
+    lines += [
         f"batch     {cfg.train.global_batch} sequences x {cfg.train.seq_len} tokens per step, "
         f"{cfg.precision.dtype}" + (f" + fp8 {cfg.precision.fp8.recipe}" if cfg.precision.fp8.enabled else ""),
         f"hardware  {p.world_size} x {p.hardware}",
@@ -157,12 +168,18 @@ def render(p: Plan, cfg: Config) -> str:
         "",
         f"FLOPs per step  {_si(t.model_flops, 'FLOP')} model, {_si(t.hardware_flops, 'FLOP')} with recomputation",
         f"communication per GPU per step: tp {_si(c.tp, 'B')}, cp {_si(c.cp, 'B')}, "
-        f"pp {_si(c.pp, 'B')}, dp {_si(c.dp, 'B')}",
-        "",
-        "time per step                           s",
+        f"pp {_si(c.pp, 'B')}, dp {_si(c.dp, 'B')}" + (f", ep {_si(c.ep, 'B')}" if moe.n_experts else ""),
     ]
-    for name in ("gemm", "attention", "elementwise", "recompute", "tp_comm", "cp_comm", "pp_comm",
-                 "bubble", "dp_exposed", "optimizer"):
+    if moe.n_experts:
+        each = all_to_all_bytes(model_shape(md), p.layout, cfg)
+        rerun = p.layout.checkpointing == "full"
+        lines.append(f"all-to-all per GPU: {_si(each, 'B')} sent by each dispatch or combine of a microbatch, "
+                     f"{6 if rerun else 4} per MoE block and microbatch (forward, backward"
+                     + (", recomputed forward)" if rerun else ")"))
+    lines += ["", "time per step                           s"]
+    parts = ("gemm", "attention", "elementwise", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_comm",
+             "bubble", "dp_exposed", "optimizer")
+    for name in (n for n in parts if n != "ep_comm" or moe.n_experts):
         lines.append(f"  {name.replace('_', ' '):<32}{getattr(t, name):10.3f}")
     lines += [
         f"  step                            {t.step:10.3f}",

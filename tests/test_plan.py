@@ -26,7 +26,8 @@ from angelptm.planning.search import candidate_layouts
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
-PRESETS = {"llama7b_8gpu": 8, "llama70b_64gpu": 64, "gpt175b_1024gpu": 1024, "llama1t_10240gpu": 10240}
+PRESETS = {"llama7b_8gpu": 8, "llama70b_64gpu": 64, "gpt175b_1024gpu": 1024, "llama1t_10240gpu": 10240,
+           "mixtral8x7b_64gpu": 64}
 
 SMALL = {
     "model": {"dim": 2048, "n_layers": 16, "n_heads": 16, "n_kv_heads": 8, "ffn_dim": 5632, "vocab_size": 32000,

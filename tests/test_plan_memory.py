@@ -24,6 +24,12 @@ from angelptm.zerocache.placement import plan_placement, slab_bytes
 
 TINY = {"dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 192, "vocab_size": 259,
         "max_seq_len": 64}
+# MoE blocks (angelptm.models.moe): routed experts only; then a dense first layer, shared experts,
+# top-1 sigmoid routing with auxiliary-loss-free balancing and the router z-loss.
+MOE = {**TINY, "n_layers": 3, "moe": {"n_experts": 4, "top_k": 2, "expert_ffn_dim": 96}}
+MOE_SHARED = {**TINY, "n_layers": 3, "moe": {"n_experts": 8, "top_k": 1, "expert_ffn_dim": 32, "n_shared_experts": 1,
+                                              "first_dense_layers": 1, "router": "sigmoid", "balance": "aux_free",
+                                              "z_loss_coef": 0.001}}
 
 
 def _cfg(model, **sections):
@@ -46,11 +52,21 @@ def _layout(**kw):
     {**TINY, "n_kv_heads": 4, "tie_embeddings": True},
     {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "ffn_dim": 14336, "vocab_size": 128256,
      "max_seq_len": 8192},
+    MOE,
+    MOE_SHARED,
+    {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "ffn_dim": 14336, "vocab_size": 32000,  # Mixtral 8x7B
+     "max_seq_len": 4096, "moe": {"n_experts": 8, "top_k": 2}},
 ])
 def test_param_count_equals_meta_model(model):
     cfg = _cfg(model)
-    real = sum(p.numel() for p in build_llama(cfg.model, device="meta").parameters())
-    assert model_shape(cfg.model).num_params == real == num_params(cfg.model)
+    params = dict(build_llama(cfg.model, device="meta").named_parameters())
+    real = sum(p.numel() for p in params.values())
+    shape = model_shape(cfg.model)
+    assert shape.num_params == real == num_params(cfg.model)
+    # Of an MoE model, a token passes through top_k of the n_experts in each stacked expert weight.
+    moe = cfg.model.moe
+    idle = sum(p.numel() for n, p in params.items() if ".experts.w" in n) * (moe.n_experts - moe.top_k) // max(1, moe.n_experts)
+    assert shape.active_params == real - idle == num_params(cfg.model, active=True)
 
 
 def _shard_numel(name: str, shape: tuple, cfg, tp: int) -> int:
@@ -247,7 +263,7 @@ def test_first_stage_holds_korthikanti_share_of_the_layers(schedule, virtual):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("model", [TINY, {**TINY, "n_kv_heads": 4, "ffn_dim": 256}])
+@pytest.mark.parametrize("model", [TINY, {**TINY, "n_kv_heads": 4, "ffn_dim": 256}, MOE, MOE_SHARED])
 def test_activation_bytes_match_saved_tensors(dtype, model):
     cfg = _cfg(model, precision={"dtype": dtype})
     torch.manual_seed(0)
@@ -273,6 +289,11 @@ def test_activation_bytes_match_saved_tensors(dtype, model):
     predicted = activation_bytes(model_shape(cfg.model), _layout(micro_batch=cfg.train.micro_batch), cfg,
                                  ANGELPTM, "first")[0]
     assert predicted == pytest.approx(measured, rel=0.10)
-    # Closer than the bound: only RoPE's fp32 cos/sin tables and the loss's scalar are left out.
+    # Closer than the bound: only RoPE's fp32 cos/sin tables and the loss's scalar are left out,
+    # and per MoE block its tensors of n_experts elements: the grouped GEMM's int32 group offsets,
+    # the balancing loss's fp32 fractions, in bf16 the router's fp32 copy of its (n_experts, dim) weight.
     rope_tables = 2 * cfg.train.seq_len * (cfg.model.dim // cfg.model.n_heads) * 4
-    assert predicted + rope_tables + 4 == measured
+    moe = cfg.model.moe
+    balancing = moe.balance == "aux_loss" and moe.aux_loss_coef > 0
+    per_moe_block = moe.n_experts * 4 * (1 + balancing + (cfg.model.dim if dtype != "float32" else 0))
+    assert predicted + rope_tables + 4 + model_shape(cfg.model).moe_layers * per_moe_block == measured

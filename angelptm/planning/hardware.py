@@ -34,6 +34,7 @@ class Hardware:
     nvme_gbps: float = 0.0  # per node, all drives; 0: no NVMe tier
     matmul_efficiency: float = 0.7
     attention_efficiency: float = 0.5
+    grouped_gemm_efficiency: float = 0.63  # MoE routed experts' grouped GEMMs
     hbm_efficiency: float = 0.85
     link_efficiency: float = 0.8
 
@@ -58,28 +59,34 @@ _DTYPES = ("float32", "bfloat16", "float8")
 #    and unoverlapped tensor-parallel collectives, i.e. ~0.7 of peak while computing. H100 and
 #    H200 sustain less of a 3x higher, power-capped peak: with 0.57, GPT-3 175B at tp 4 · pp 8
 #    (interleaved) on 512 H100s plans at 48% MFU, against the "up to 47%" MFU Megatron-Core
-#    reports on H100 clusters (Megatron-LM README).
+#    reports on H100 clusters (Megatron-LM README);
+#  - grouped GEMM (an MoE block's routed experts, `torch._grouped_mm` over tokens sorted by
+#    expert): 0.9 of the dense fraction. Megatron-Core's grouped-GEMM Mixtral 8x7B training runs at
+#    468 TFLOP/s per H100 in bf16 (Megatron-Core MoE guide, MCore v0.9), 47% of peak, the MFU its
+#    dense GPT runs reach, so the grouped kernels run near the dense rate at Mixtral's sizes; the
+#    0.9 margin is for the smaller and uneven row groups of many fine-grained experts and of
+#    unbalanced routing, which a dense GEMM does not have.
 BUILTIN: dict[str, Hardware] = {
     "a100": Hardware(
         name="A100-SXM4-80GB", memory_gib=79.3, reserved_gib=4.0,
         peak_tflops={"float32": 19.5, "bfloat16": 312.0, "float8": 0.0},
         hbm_gbps=2039.0, intra_node_gbps=300.0, inter_node_gbps=25.0, host_link_gbps=32.0,
         gpus_per_node=8, host_memory_gib=1024.0, host_memory_gbps=409.6, nvme_gbps=25.0,
-        matmul_efficiency=0.7, attention_efficiency=0.6,
+        matmul_efficiency=0.7, attention_efficiency=0.6, grouped_gemm_efficiency=0.63,
     ),
     "h100": Hardware(
         name="H100-SXM5-80GB", memory_gib=79.6, reserved_gib=4.0,
         peak_tflops={"float32": 66.9, "bfloat16": 989.4, "float8": 1978.9},
         hbm_gbps=3350.0, intra_node_gbps=450.0, inter_node_gbps=50.0, host_link_gbps=64.0,
         gpus_per_node=8, host_memory_gib=2048.0, host_memory_gbps=614.4, nvme_gbps=50.0,
-        matmul_efficiency=0.57, attention_efficiency=0.45,
+        matmul_efficiency=0.57, attention_efficiency=0.45, grouped_gemm_efficiency=0.51,
     ),
     "h200": Hardware(
         name="H200-SXM-141GB", memory_gib=139.8, reserved_gib=4.0,
         peak_tflops={"float32": 66.9, "bfloat16": 989.4, "float8": 1978.9},
         hbm_gbps=4800.0, intra_node_gbps=450.0, inter_node_gbps=50.0, host_link_gbps=64.0,
         gpus_per_node=8, host_memory_gib=2048.0, host_memory_gbps=614.4, nvme_gbps=50.0,
-        matmul_efficiency=0.57, attention_efficiency=0.45,
+        matmul_efficiency=0.57, attention_efficiency=0.45, grouped_gemm_efficiency=0.51,
     ),
 }
 
@@ -99,10 +106,12 @@ def _check_profile(hw: Hardware, where: str) -> Hardware:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise UserError(f"{where}: {f.name}={value!r} must be a number >= 0")
     for name in ("memory_gib", "hbm_gbps", "intra_node_gbps", "inter_node_gbps", "gpus_per_node",
-                 "matmul_efficiency", "attention_efficiency", "hbm_efficiency", "link_efficiency"):
+                 "matmul_efficiency", "attention_efficiency", "grouped_gemm_efficiency", "hbm_efficiency",
+                 "link_efficiency"):
         if not getattr(hw, name) > 0:
             raise UserError(f"{where}: {name} must be positive")
-    for name in ("matmul_efficiency", "attention_efficiency", "hbm_efficiency", "link_efficiency"):
+    for name in ("matmul_efficiency", "attention_efficiency", "grouped_gemm_efficiency", "hbm_efficiency",
+                 "link_efficiency"):
         if getattr(hw, name) > 1:
             raise UserError(f"{where}: {name}={getattr(hw, name)} is a fraction of peak; use a value in (0, 1]")
     if int(hw.gpus_per_node) != hw.gpus_per_node:

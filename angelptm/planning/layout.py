@@ -28,6 +28,7 @@ class Layout:
     zero_stage: int
     micro_batch: int
     checkpointing: str  # none | full | selective
+    ep: int = 1  # expert parallelism, carved from the dp·cp data ranks
 
     @property
     def world_size(self) -> int:
@@ -42,6 +43,7 @@ class Layout:
         return (
             f"dp={self.dp} tp={self.tp} pp={self.pp} cp={self.cp} zero={self.zero_stage} "
             f"mb={self.micro_batch} ac={self.checkpointing} sched={sched}"
+            + (f" ep={self.ep}" if self.ep > 1 else "")
             + ("" if self.sequence_parallel or self.tp == 1 else " no-sp")
             + (f" cp_mode={self.cp_mode}" if self.cp > 1 else "")
         )
@@ -65,7 +67,9 @@ def rank_params(m: ModelShape, lay: Layout, stage: str) -> int:
     """Parameters one rank of `stage` holds after tensor and pipeline splitting."""
     embedding, block, norm, output = m.unit_params(lay.tp)
     outside = {"embedding": embedding, "norm": norm, "output": output}
-    return stage_layers(m, lay) * sum(block) + sum(sum(outside[u]) for u in stage_units(m, lay, stage))
+    dense, moe = m.layer_kinds(stage_layers(m, lay))
+    moe_blocks = moe * sum(n for n, _ in m.moe_block_params(lay.tp, lay.ep)) if moe else 0
+    return dense * sum(block) + moe_blocks + sum(sum(outside[u]) for u in stage_units(m, lay, stage))
 
 
 def layout_from_config(cfg: Config, world_size: int) -> tuple[Layout, list[str]]:
@@ -91,7 +95,7 @@ def layout_from_config(cfg: Config, world_size: int) -> tuple[Layout, list[str]]
     layout = Layout(
         dp=dp, tp=p.tp, pp=p.pp, cp=p.cp, virtual_stages=virtual, schedule=p.pp_schedule,
         sequence_parallel=p.sequence_parallel, cp_mode=p.cp_mode, zero_stage=cfg.zero.stage,
-        micro_batch=cfg.train.micro_batch, checkpointing=cfg.train.activation_checkpointing,
+        micro_batch=cfg.train.micro_batch, checkpointing=cfg.train.activation_checkpointing, ep=p.ep,
     )
     return layout, problems
 
@@ -131,8 +135,31 @@ def layout_problems(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware) -> li
             f"interleaved 1F1B needs microbatches ({lay.microbatches(cfg.train.global_batch)}) "
             f"to be a multiple of pp={lay.pp}; change train.global_batch"
         )
+    out += _expert_problems(m, lay)
     if cfg.precision.fp8.enabled and hw.peak_flops("float8") <= 0:
         out.append(f"{hw.name} has no FP8 tensor cores; set precision.fp8.enabled=false")
     if "nvme" in (cfg.zero.offload_optimizer, cfg.zero.offload_params) and hw.nvme_gbps <= 0:
         out.append(f"{hw.name} profile has no NVMe tier (nvme_gbps=0); offload to cpu instead")
+    return out
+
+
+# The degrees the engine does not yet compose with MoE blocks (angelptm.config_validation refuses
+# them); one leaves this list when the engine builds it.
+MOE_UNBUILT_DEGREES = ("tp", "pp", "cp")
+
+
+def _expert_problems(m: ModelShape, lay: Layout) -> list[str]:
+    """The rules of expert parallelism (DESIGN.md, "MoE") and of the MoE blocks the engine builds."""
+    out = []
+    data = lay.dp * lay.cp
+    if lay.ep > 1 and not m.n_experts:
+        out.append(f"ep={lay.ep} splits experts, and this model has none; set parallel.ep=1")
+    elif m.n_experts % lay.ep:
+        out.append(f"ep={lay.ep} does not divide model.moe.n_experts={m.n_experts}; pick ep dividing n_experts")
+    if data % lay.ep:
+        out.append(f"ep={lay.ep} does not divide dp·cp = {data} (expert-parallel ranks are carved from the "
+                   "data ranks); pick ep dividing dp·cp")
+    if m.n_experts:
+        out += [f"model.moe with {name}={getattr(lay, name)} is not built yet; set parallel.{name}=1"
+                for name in MOE_UNBUILT_DEGREES if getattr(lay, name) > 1]
     return out

@@ -1,7 +1,8 @@
 """Memory per rank by kind (parameters, gradients, optimizer state, activations, FP8 and communication
 buffers) and by tier (device, pinned host, NVMe), for the first and the last pipeline stage.
 
-Parameters, gradients and optimizer state follow ZeROCache (`angelptm.planning.zero`);
+Parameters, gradients and optimizer state follow ZeROCache (`angelptm.planning.zero`), routed
+experts n_experts / ep to a rank;
 activations follow the tables of `angelptm.planning.model` and the pipeline schedule's
 microbatches in flight.
 """
@@ -14,7 +15,7 @@ from angelptm.config import Config
 from angelptm.planning.hardware import Hardware
 from angelptm.planning.layout import Layout, stage_layers
 from angelptm.planning.model import (
-    Implementation, ModelShape, bytes_per_token, dtype_bytes, embed_saved, head_saved, layer_saved, per_rank,
+    Implementation, ModelShape, bytes_per_token, dtype_bytes, embed_saved, head_saved, layer_saved,
 )
 from angelptm.planning.zero import ZeroBytes, zero_bytes
 
@@ -46,15 +47,16 @@ class Memory:
     fits: bool
 
 
-def layer_activation_bytes(m: ModelShape, lay: Layout, cfg: Config, impl: Implementation) -> tuple[float, float]:
-    """(kept, transient) bytes of one layer for one microbatch on one rank.
+def layer_activation_bytes(m: ModelShape, lay: Layout, cfg: Config, impl: Implementation,
+                           moe: bool = False) -> tuple[float, float]:
+    """(kept, transient) bytes of one layer (`moe`: an MoE block) for one microbatch on one rank.
 
     full recomputation keeps only the layer's input and rebuilds the rest during its backward
     (the transient); selective drops the attention core (Korthikanti et al. 2022, Sec. 5).
     """
     ab = dtype_bytes(cfg)
     tokens = lay.micro_batch * cfg.train.seq_len / lay.cp
-    saved = layer_saved(m, cfg.train.seq_len, ab, impl)
+    saved = layer_saved(m, cfg.train.seq_len, ab, impl, moe)
     everything = bytes_per_token(saved, m, lay.tp, lay.sequence_parallel) * tokens
     if lay.checkpointing == "full":
         return m.dim * ab * m.split_factors(lay.tp, lay.sequence_parallel)["seq"] * tokens, everything
@@ -88,6 +90,11 @@ def activation_bytes(m: ModelShape, lay: Layout, cfg: Config, impl: Implementati
     kept, transient = layer_activation_bytes(m, lay, cfg, impl)
     chunks = inflight(lay, lay.microbatches(cfg.train.global_batch), stage)
     saved = chunks * stage_layers(m, lay) / lay.virtual_stages * kept
+    moe = m.layer_kinds(stage_layers(m, lay))[1]
+    if moe:  # MoE blocks keep what theirs keep instead
+        moe_kept, moe_transient = layer_activation_bytes(m, lay, cfg, impl, moe=True)
+        saved += chunks * moe / lay.virtual_stages * (moe_kept - kept)
+        transient = max(transient, moe_transient)
     extras = 0.0
     if stage == "first" or lay.pp == 1:
         extras += bytes_per_token(embed_saved(m, impl), m, lay.tp, lay.sequence_parallel)
@@ -101,7 +108,7 @@ def activation_bytes(m: ModelShape, lay: Layout, cfg: Config, impl: Implementati
 
 
 def buffer_bytes(m: ModelShape, lay: Layout, cfg: Config) -> tuple[float, float]:
-    """(FP8 weight copies, tp/cp/pp communication buffers) on one rank; ZeRO's pages in flight
+    """(FP8 weight copies, tp/cp/pp/ep communication buffers) on one rank; ZeRO's pages in flight
     come with its state."""
     ab = dtype_bytes(cfg)
     tokens = lay.micro_batch * cfg.train.seq_len / lay.cp
@@ -114,12 +121,12 @@ def buffer_bytes(m: ModelShape, lay: Layout, cfg: Config) -> tuple[float, float]
         comm += 2 * kv if lay.cp_mode == "ring" else kv + 2 * tokens * m.dim * factors["tp"] * ab
     if lay.pp > 1:
         comm += 2 * tokens * m.dim * factors["seq"] * ab  # send and receive of a stage boundary
+    if lay.ep > 1:
+        comm += 2 * tokens * m.top_k * m.dim * ab  # one all-to-all's rows sent and received
     fp8 = 0.0
     if cfg.precision.fp8.enabled and lay.zero_stage < 3:
         # Row- and column-major FP8 copies of each layer weight, cast once per step (1 byte each).
-        f = m.split_factors(lay.tp, False)
-        weights = per_rank(m.layer_gemm_weights, f) * stage_layers(m, lay)
-        fp8 = 2.0 * weights
+        fp8 = 2.0 * sum(m.rank_gemm_weights(lay.tp, lay.ep, stage_layers(m, lay)))
     return fp8, comm
 
 

@@ -4,7 +4,8 @@ tp runs over powers of two up to the GPUs of a node, cp over powers of two the s
 pp over the divisors left that the layers allow, dp takes the rest; then microbatch sizes up to
 16 that divide the batch, ZeRO stages, activation checkpointing and pipeline schedules (1F1B,
 ZB-H1, interleaved with 2 virtual stages), always with sequence parallelism and ring attention
-(Ulysses is priced when a config asks for it). GPipe is left out: it has 1F1B's bubble with more
+(Ulysses is priced when a config asks for it); for an MoE model also every expert-parallel degree
+that divides both n_experts and dp·cp. GPipe is left out: it has 1F1B's bubble with more
 activations in flight, so it never wins. Checkpointing
 comes as a group ordered none, selective, full: each saves memory by recomputing more, so the
 first of a group that fits is the fastest of it and the search prices no further.
@@ -40,6 +41,11 @@ def _schedules(pp: int, n_layers: int, microbatches: int) -> list[tuple[str, int
     return out
 
 
+def _expert_degrees(m: ModelShape, data_ranks: int) -> list[int]:
+    """ep that divide n_experts and the dp·cp data ranks they are carved from; 1 for a dense model."""
+    return [ep for ep in range(1, m.n_experts + 1) if m.n_experts % ep == 0 and data_ranks % ep == 0] or [1]
+
+
 def candidate_layouts(m: ModelShape, cfg: Config, hw: Hardware, world_size: int) -> Iterator[tuple[Layout, ...]]:
     """Groups of layouts that differ only in checkpointing, least recomputation first."""
     seq, batch = cfg.train.seq_len, cfg.train.global_batch
@@ -59,11 +65,12 @@ def candidate_layouts(m: ModelShape, cfg: Config, hw: Hardware, world_size: int)
                         continue
                     for schedule, virtual in _schedules(pp, m.n_layers, batch // (mb * dp)):
                         for stage in range(4) if dp > 1 else (0,):
-                            yield tuple(
-                                Layout(
-                                    dp=dp, tp=tp, pp=pp, cp=cp, virtual_stages=virtual, schedule=schedule,
-                                    sequence_parallel=True, cp_mode="ring", zero_stage=stage,
-                                    micro_batch=mb, checkpointing=ac,
+                            for ep in _expert_degrees(m, dp * cp):
+                                yield tuple(
+                                    Layout(
+                                        dp=dp, tp=tp, pp=pp, cp=cp, virtual_stages=virtual, schedule=schedule,
+                                        sequence_parallel=True, cp_mode="ring", zero_stage=stage,
+                                        micro_batch=mb, checkpointing=ac, ep=ep,
+                                    )
+                                    for ac in CHECKPOINTING
                                 )
-                                for ac in CHECKPOINTING
-                            )

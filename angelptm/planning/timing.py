@@ -2,9 +2,10 @@
 
 Each piece of work is timed against the resource that bounds it (roofline, Williams et al.
 2009): GEMMs and attention against peak FLOP/s times a sustained fraction, elementwise passes
-against HBM bandwidth, collectives against the link they cross with ring-algorithm volumes
-(Thakur et al. 2005: all-gather and reduce-scatter move (n-1)/n of the data per rank,
-all-reduce twice that). What overlaps with what is listed in `OVERLAP` and printed with every plan.
+against HBM bandwidth, collectives against the link they cross (`angelptm.planning.links`).
+One layer's work is `angelptm.planning.layer_time`'s; this module adds the layers of the busiest
+pipeline rank, the pipeline's bubble, data parallelism and the optimizer step. What overlaps
+with what is listed in `OVERLAP` (and `MOE_OVERLAP`) and printed with every plan.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 
 from angelptm.config import Config
 from angelptm.planning.hardware import Hardware
+from angelptm.planning.layer_time import layer_time
 from angelptm.planning.layout import Layout, stage_layers
-from angelptm.planning.model import Implementation, ModelShape, dtype_bytes, per_rank
+from angelptm.planning.links import Group
+from angelptm.planning.model import Implementation, ModelShape, dtype_bytes
 from angelptm.planning.zero import ZeroBytes
 
 OVERLAP = (
@@ -29,6 +32,11 @@ OVERLAP = (
     "the optimizer step is not overlapped with compute; host and NVMe tiers overlap their copies "
     "with the CPU step",
 )
+MOE_OVERLAP = (
+    "ep: each MoE block's dispatch all-to-all overlaps the shared experts' forward, and its reverse "
+    "their backward; the combine all-to-alls are exposed; routing is balanced (every rank receives "
+    "as many token copies as it sends)",
+)
 
 
 @dataclass
@@ -39,6 +47,7 @@ class Comm:
     cp: float
     pp: float
     dp: float
+    ep: float  # the all-to-alls of MoE blocks' dispatch and combine
 
 
 @dataclass
@@ -51,6 +60,7 @@ class Timing:
     recompute: float
     tp_comm: float
     cp_comm: float
+    ep_comm: float  # expert-parallel all-to-alls left exposed
     pp_comm: float
     bubble: float
     dp_exposed: float
@@ -63,48 +73,6 @@ class Timing:
     hardware_tflops_per_gpu: float
     mfu: float
     hfu: float
-
-
-@dataclass(frozen=True)
-class Group:
-    """A communicator of `size` ranks spaced `stride` apart in the rank order (tp innermost).
-
-    Inside a node rings run on NVLink. Across nodes each node's k members of the group drive k
-    network cards in parallel rings (NCCL's channels), so the group gets k cards' worth of
-    bandwidth, capped by NVLink. Every ring step also pays a fixed latency.
-    """
-
-    size: int
-    bandwidth: float  # bytes/s
-    latency: float  # s per ring step
-
-    @classmethod
-    def of(cls, hw: Hardware, size: int, stride: int) -> "Group":
-        if size * stride <= hw.gpus_per_node:
-            gbps, latency_us = hw.intra_node_gbps, hw.intra_node_latency_us
-        else:
-            per_node = max(1, hw.gpus_per_node // stride)
-            gbps, latency_us = min(hw.intra_node_gbps, per_node * hw.inter_node_gbps), hw.inter_node_latency_us
-        return cls(size, gbps * hw.link_efficiency * 1e9, latency_us * 1e-6)
-
-    def gather(self, full_bytes: float, calls: float = 1) -> float:
-        """Seconds for all-gathers or reduce-scatters of tensors totalling `full_bytes` (ring:
-        (n-1)/n of the data and n-1 steps per call)."""
-        if self.size <= 1:
-            return 0.0
-        return (self.size - 1) / self.size * full_bytes / self.bandwidth + calls * (self.size - 1) * self.latency
-
-    def all_reduce(self, full_bytes: float, calls: float = 1) -> float:
-        """Seconds for all-reduces: twice a ring's volume, with a tree's 2·log2(n) steps of
-        latency (NCCL picks the tree at scale)."""
-        if self.size <= 1:
-            return 0.0
-        volume = 2 * (self.size - 1) / self.size * full_bytes
-        return volume / self.bandwidth + calls * 2 * math.log2(self.size) * self.latency
-
-    def send(self, nbytes: float, calls: float = 1) -> float:
-        """Seconds for point-to-point transfers."""
-        return nbytes / self.bandwidth + calls * self.latency
 
 
 @dataclass
@@ -120,92 +88,27 @@ class _Micro:
     recompute: float
     tp_comm: float
     cp_comm: float
+    ep_comm: float
     tp_bytes: float
     cp_bytes: float
+    ep_bytes: float
 
 
 def _microbatch(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Implementation, stage: str) -> _Micro:
     ab = dtype_bytes(cfg)
-    seq = cfg.train.seq_len
-    tokens = lay.micro_batch * seq / lay.cp
+    tokens = lay.micro_batch * cfg.train.seq_len / lay.cp
     f = m.split_factors(lay.tp, lay.sequence_parallel)
-    fp8 = cfg.precision.fp8.enabled
     dense = hw.peak_flops("float32" if ab == 4 else "bfloat16") * hw.matmul_efficiency
-    layer_peak = hw.peak_flops("float8") * hw.matmul_efficiency if fp8 else dense
     hbm = hw.hbm_gbps * hw.hbm_efficiency * 1e9
-    h, fd, kv = m.dim, m.ffn_dim, m.kv_dim
+    h = m.dim
+    dense_layers, moe_layers = m.layer_kinds(stage_layers(m, lay))
+    kinds = [(dense_layers, layer_time(m, lay, cfg, hw, impl, moe=False))] if dense_layers else []
+    if moe_layers:
+        kinds.append((moe_layers, layer_time(m, lay, cfg, hw, impl, moe=True)))
 
-    # GEMMs: one forward product per weight; backward has two (input and weight gradients).
-    gemm_flops = 2 * tokens * per_rank(m.layer_gemm_weights, f)
-    gemm = gemm_flops / layer_peak
-    # Attention over heads of this rank: flash skips the masked half; unfused computes every score.
-    if impl.attention == "flash":
-        attn_peak = hw.peak_flops("float32" if ab == 4 else "bfloat16") * hw.attention_efficiency
-        attn_fwd = 4 * tokens * seq * h * f["tp"] * 0.5 / attn_peak
-        attn_bwd = 2.5 * attn_fwd  # 5 matmuls against the forward's 2 (Dao 2023, Alg. 2)
-        score_bytes = 0.0
-    else:
-        attn_fwd = 4 * tokens * seq * h * f["tp"] / dense
-        attn_bwd = 2 * attn_fwd
-        # scores written, softmax read+written, dropout read+written+mask, probabilities read by AV
-        per_score = 4 * ab + (2 * ab + 1 if impl.dropout else 0)
-        score_bytes = tokens * m.n_heads * f["tp"] * seq * per_score
-    # Elementwise passes, each reading its inputs and writing its outputs once.
-    seq_elems = 2 * 2 * h + 2 * 3 * h  # two norms (in, out), two residual adds (2 in, 1 out)
-    if m.arch == "llama":
-        tp_elems = 2 * (h * f["tp"] + kv * f["kv"]) + 3 * fd * f["tp"]  # RoPE on q, k; SwiGLU
-    else:
-        tp_elems = 2 * fd * f["tp"]  # GELU
-    elem_bytes = tokens * (seq_elems * f["seq"] + tp_elems) * ab
-    if impl.dropout:
-        elem_bytes += tokens * 2 * h * f["seq"]  # residual dropout masks
-    if fp8:
-        # Casting each GEMM input (forward) and output gradient (backward) to 1-byte FP8.
-        elem_bytes += tokens * (3 * h * f["seq"] + h * f["tp"] + fd * f["tp"]) * (ab + 1)
-    elem_fwd = (elem_bytes + score_bytes) / hbm
-    elem_bwd = 2 * elem_fwd  # backward reads the saved tensors and the incoming gradient, writes one
-
-    # Tensor parallelism, per layer and pass: 2 all-gathers + 2 reduce-scatters of the layer's
-    # activation with sequence parallelism, 2 all-reduces without (the same volume).
-    tp = Group.of(hw, lay.tp, 1)
-    boundary = tokens * h * ab
-    tp_pass = 4 * (lay.tp - 1) / lay.tp * boundary
-    tp_fwd = 4 * tp.gather(boundary) if lay.sequence_parallel else 2 * tp.all_reduce(boundary)
-    regathered = lay.sequence_parallel and not impl.keeps_gathered_input
-    regather = 2 * (lay.tp - 1) / lay.tp * boundary if regathered else 0.0
-
-    # Context parallelism.
-    cp = Group.of(hw, lay.cp, lay.tp)
-    cp_fwd_bytes = cp_bwd_bytes = 0.0
-    cp_fwd = cp_bwd = 0.0
-    if lay.cp > 1:
-        if lay.cp_mode == "ring":
-            chunk = 2 * tokens * kv * f["kv"] * ab  # this rank's K and V, passed round the ring
-            cp_fwd_bytes, cp_bwd_bytes = (lay.cp - 1) * chunk, 2 * (lay.cp - 1) * chunk  # + their gradients
-            cp_fwd = max(0.0, cp.send(cp_fwd_bytes, lay.cp - 1) - attn_fwd)
-            cp_bwd = max(0.0, cp.send(cp_bwd_bytes, lay.cp - 1) - attn_bwd)
-        else:
-            # All-to-alls of q, k, v before attention and of its output after: (n-1)/n of each
-            # moves. Key/value heads that do not divide by cp are first repeated to the query heads.
-            kv_rank = kv * f["kv"] if m.kv_heads_per_rank(lay.tp) % lay.cp == 0 else h * f["tp"]
-            qkvo = tokens * (2 * h * f["tp"] + 2 * kv_rank) * ab
-            cp_fwd_bytes = cp_bwd_bytes = (lay.cp - 1) / lay.cp * qkvo
-            cp_fwd = cp_bwd = cp.gather(qkvo, calls=4)
-
-    layer_fwd = gemm + attn_fwd + elem_fwd + tp_fwd + cp_fwd
-    if lay.checkpointing == "full":
-        recompute = layer_fwd
-        recompute_tp, recompute_cp = tp_pass, cp_fwd_bytes
-    elif lay.checkpointing == "selective":
-        recompute = attn_fwd + score_bytes / hbm
-        recompute_tp = recompute_cp = 0.0
-    else:
-        recompute = recompute_tp = recompute_cp = 0.0
-    layer_bwd = gemm + attn_bwd + elem_bwd + tp_fwd + cp_bwd + recompute
-
-    n = stage_layers(m, lay)
-    fwd, bwd, wgt = n * layer_fwd, n * layer_bwd, n * gemm
-    tp_bytes = n * (2 * tp_pass + regather + recompute_tp)
+    fwd, bwd = sum(n * t.forward for n, t in kinds), sum(n * t.backward for n, t in kinds)
+    wgt = sum(n * t.gemm for n, t in kinds)
+    tp_bytes = sum(n * t.tp_bytes for n, t in kinds)
     head = loss = embed_tp = 0.0
     if stage == "last" or lay.pp == 1:
         # Output head (vocab-parallel; FP8 skips it by default) and the loss's passes over the logits.
@@ -215,15 +118,21 @@ def _microbatch(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Imp
         fwd, bwd, wgt = fwd + head + loss, bwd + head + loss, wgt + head
     if (stage == "first" or lay.pp == 1) and lay.tp > 1:
         # Vocab-parallel embedding: its output is summed over tp in forward, its gradient in backward.
-        embed_tp = tp.all_reduce(boundary)
+        boundary = tokens * h * ab
+        embed_tp = Group.of(hw, lay.tp, 1).all_reduce(boundary)
         fwd, bwd = fwd + embed_tp, bwd + embed_tp
         tp_bytes += 2 * 2 * (lay.tp - 1) / lay.tp * boundary
     return _Micro(
         forward=fwd, backward=bwd, weight=wgt,
-        gemm=n * 3 * gemm + 3 * head, attention=n * (attn_fwd + attn_bwd),
-        elementwise=n * (elem_fwd + elem_bwd) + 2 * loss, recompute=n * recompute,
-        tp_comm=n * 2 * tp_fwd + 2 * embed_tp, cp_comm=n * (cp_fwd + cp_bwd),
-        tp_bytes=tp_bytes, cp_bytes=n * (cp_fwd_bytes + cp_bwd_bytes + recompute_cp),
+        gemm=sum(n * 3 * t.gemm for n, t in kinds) + 3 * head,
+        attention=sum(n * (t.attn_fwd + t.attn_bwd) for n, t in kinds),
+        elementwise=sum(n * (t.elem_fwd + t.elem_bwd) for n, t in kinds) + 2 * loss,
+        recompute=sum(n * t.recompute for n, t in kinds),
+        tp_comm=sum(n * 2 * t.tp_fwd for n, t in kinds) + 2 * embed_tp,
+        cp_comm=sum(n * (t.cp_fwd + t.cp_bwd) for n, t in kinds),
+        ep_comm=sum(n * (t.ep_fwd + t.ep_bwd) for n, t in kinds),
+        tp_bytes=tp_bytes, cp_bytes=sum(n * t.cp_bytes for n, t in kinds),
+        ep_bytes=sum(n * t.ep_bytes for n, t in kinds),
     )
 
 
@@ -277,22 +186,38 @@ def timing(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Implemen
 
     # Data parallelism over the data group (dp·cp ranks: context-parallel ranks hold the same
     # weights and see other tokens), per ZeRO stage, one collective per page; volumes per rank.
+    # Under expert parallelism the routed experts' pages go over their own group, the dp·cp / ep
+    # ranks (ep·tp apart) that hold the same experts, one after the other pool.
     d = lay.dp * lay.cp
     pb = dtype_bytes(cfg)
-    grads, params = zb.total_numel * (impl.grad_bytes or pb), zb.total_numel * pb
-    if cfg.precision.fp8.enabled and cfg.precision.fp8.fp8_all_gather and lay.zero_stage == 3:
-        fp8_weights = stage_layers(m, lay) * per_rank(m.layer_gemm_weights, m.split_factors(lay.tp, False))
-        params -= fp8_weights * (pb - 1)  # FP8-eligible pages travel in 1 byte with their scales
-    dp = Group.of(hw, d, lay.tp)
-    pages = zb.pages.count if impl.paged else math.ceil(params / (cfg.zero.page_mb * 2**20))
+    fp8_gather = cfg.precision.fp8.enabled and cfg.precision.fp8.fp8_all_gather and lay.zero_stage == 3
+    plain_fp8, expert_fp8 = m.rank_gemm_weights(lay.tp, lay.ep, stage_layers(m, lay))
+
+    def pool(numel: float, fp8_numel: float, group: Group, pages: int) -> tuple[float, float, Group, int]:
+        grads, params = numel * (impl.grad_bytes or pb), numel * pb
+        if fp8_gather:
+            params -= fp8_numel * (pb - 1)  # FP8-eligible pages travel in 1 byte with their scales
+        calls = pages if impl.paged else math.ceil(params / (cfg.zero.page_mb * 2**20))
+        return grads, params, group, calls
+
+    if not zb.expert_numel:  # experts, if any, share the dense pages
+        pools = [pool(zb.total_numel, plain_fp8 + expert_fp8, Group.of(hw, d, lay.tp), zb.pages.count)]
+    else:
+        pools = [pool(zb.total_numel - zb.expert_numel, plain_fp8, Group.of(hw, d, lay.tp),
+                      zb.pages.count - zb.pages.expert_count),
+                 pool(zb.expert_numel, expert_fp8, Group.of(hw, d // lay.ep, lay.tp * lay.ep), zb.pages.expert_count)]
+    params = sum(p for _, p, _, _ in pools)
     backward = micro.backward + micro.weight
     dp_exposed, dp_bytes = 0.0, 0.0
     if d > 1:
-        rs, ag = (d - 1) / d * grads, (d - 1) / d * params
-        reduce_scatter, all_gather = dp.gather(grads, pages), dp.gather(params, pages)
+        rs = sum((g.size - 1) / g.size * grads for grads, _, g, _ in pools)
+        ag = sum((g.size - 1) / g.size * p for _, p, g, _ in pools)
+        reduce_scatter = sum(g.gather(grads, calls) for grads, _, g, calls in pools)
+        all_gather = sum(g.gather(p, calls) for _, p, g, calls in pools)
         if lay.zero_stage == 0:
             dp_bytes = 2 * rs
-            dp_exposed = max(0.0, dp.all_reduce(grads, pages) - backward)
+            all_reduce = sum(g.all_reduce(grads, calls) for grads, _, g, calls in pools)
+            dp_exposed = max(0.0, all_reduce - backward)
         elif lay.zero_stage == 1:
             dp_bytes = rs + ag
             dp_exposed = max(0.0, reduce_scatter - backward) + max(0.0, all_gather - micro.forward)
@@ -314,22 +239,23 @@ def timing(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Implemen
     step = mbs * per_mb + bubble + dp_exposed + optimizer
     step_tokens = cfg.train.global_batch * seq
     model_flops = m.flops_per_token(seq) * step_tokens
-    recompute_per_token = 0.0
+    recompute_per_token = 0.0  # all layers: full recomputes their forward GEMMs, both attention's scores
     if lay.checkpointing == "full":
-        recompute_per_token = 2 * sum(n for _, n in m.layer_gemm_weights) + 4 * m.dim * seq
+        recompute_per_token = 2 * m.gemm_weights_per_token + m.n_layers * 4 * m.dim * seq
     elif lay.checkpointing == "selective":
-        recompute_per_token = 4 * m.dim * seq
-    hardware_flops = model_flops + m.n_layers * recompute_per_token * step_tokens
+        recompute_per_token = m.n_layers * 4 * m.dim * seq
+    hardware_flops = model_flops + recompute_per_token * step_tokens
     world = lay.world_size
     peak = hw.peak_flops("float32" if ab == 4 else "bfloat16")
     t = Timing(
         gemm=mbs * micro.gemm, attention=mbs * micro.attention, elementwise=mbs * micro.elementwise,
         recompute=mbs * micro.recompute, tp_comm=mbs * micro.tp_comm, cp_comm=mbs * micro.cp_comm,
-        pp_comm=mbs * pp_time_mb, bubble=bubble, dp_exposed=dp_exposed, optimizer=optimizer, step=step,
+        ep_comm=mbs * micro.ep_comm, pp_comm=mbs * pp_time_mb, bubble=bubble, dp_exposed=dp_exposed, optimizer=optimizer, step=step,
         tokens_per_s=step_tokens / step, model_flops=model_flops, hardware_flops=hardware_flops,
         model_tflops_per_gpu=model_flops / step / world / 1e12,
         hardware_tflops_per_gpu=hardware_flops / step / world / 1e12,
         mfu=model_flops / step / world / peak, hfu=hardware_flops / step / world / peak,
     )
-    comm = Comm(tp=mbs * micro.tp_bytes, cp=mbs * micro.cp_bytes, pp=mbs * pp_bytes_mb, dp=dp_bytes)
+    comm = Comm(tp=mbs * micro.tp_bytes, cp=mbs * micro.cp_bytes, pp=mbs * pp_bytes_mb, dp=dp_bytes,
+                ep=mbs * micro.ep_bytes)
     return t, comm

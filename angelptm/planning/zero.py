@@ -4,7 +4,8 @@ keeps of them, and which tier (device, pinned host, NVMe) a device budget leaves
 This mirrors `angelptm.zerocache` without building anything: `pack_unit` follows
 `pages.build_pages`, `zero_bytes` follows `placement.plan_placement` and `buffers.PageBuffers`,
 and tests hold the two equal on real models. ZeROCache shards over the data group, dp·cp ranks
-(context-parallel ranks hold the same weights). Systems planned with a flat gradient buffer
+(context-parallel ranks hold the same weights), and routed experts under expert parallelism over
+the expert-data-parallel group, dp·cp / ep ranks. Systems planned with a flat gradient buffer
 (Megatron-LM's distributed optimizer) skip the pages and reduce gradients in place.
 """
 
@@ -33,6 +34,12 @@ class PageLayout:
     largest: int
     widest_unit: int
     widest_unit_numel: int  # elements of the unit whose pages add up to the most
+    sharded: float  # page elements one rank owns from stage 1 on, each page split over its group
+    # Under expert parallelism, the routed-expert pools (split over dp·cp / ep ranks): their
+    # parameter elements, page elements and page count; zero without.
+    expert_params: int
+    expert_total: int
+    expert_count: int
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -63,22 +70,46 @@ def pack_unit(numels: tuple[int, ...], itemsize: int, page_mb: float, shards: in
 
 
 @functools.lru_cache(maxsize=None)
-def page_layout(m: ModelShape, tp: int, n_layers: int, units: tuple[str, ...], itemsize: int,
+def page_layout(m: ModelShape, tp: int, ep: int, n_layers: int, units: tuple[str, ...], itemsize: int,
                 page_mb: float, shards: int) -> PageLayout:
     """Pages of a rank holding `n_layers` blocks and the outside `units` ("embedding", "norm",
-    "output"). Pages close at every unit's end, so all blocks pack alike: one is packed."""
+    "output"). Pages close at every unit's end, so all blocks of a kind pack alike: one is packed.
+    Under expert parallelism an MoE block's routed-expert weights pack in pools of their own,
+    split over the expert-data-parallel group (shards / ep ranks), as `pages.build_pages` does."""
     embedding, block, norm, output = m.unit_params(tp)
     outside = [numels for name, numels in (("embedding", embedding), ("norm", norm), ("output", output))
                if name in units]
-    # Each distinct unit once, with how many times it repeats: a 10-million-layer model (which the
-    # trainer's preflight must refuse in milliseconds) packs in the time of one block.
-    unit_pages = [(pack_unit(block, itemsize, page_mb, shards), n_layers)] if n_layers else []
-    unit_pages += [(pack_unit(numels, itemsize, page_mb, shards), 1) for numels in outside]
+    dense, moe = m.layer_kinds(n_layers)
+
+    def pools(numels: tuple[int, ...], group: int = shards, expert: bool = False) -> list:
+        return [(pack_unit(numels, itemsize, page_mb, group), group, expert)]
+
+    # Each distinct unit once (a list of pools), with how many times it repeats: a 10-million-layer
+    # model (which the trainer's preflight must refuse in milliseconds) packs in the time of one block.
+    unit_pages = [(pools(block), dense)] if dense else []
+    moe_block = m.moe_block_params(tp, ep) if moe else ()
+    routed = tuple(n for n, is_routed in moe_block if is_routed) if ep > 1 else ()
+    if moe and routed:
+        plain = pools(tuple(n for n, is_routed in moe_block if not is_routed))
+        unit_pages.append((plain + pools(routed, shards // ep, expert=True), moe))
+    elif moe:  # without expert parallelism the experts share the block's pools
+        unit_pages.append((pools(tuple(n for n, _ in moe_block)), moe))
+    unit_pages += [(pools(numels), 1) for numels in outside]
+
+    total = count = expert_total = expert_count = 0
+    sharded = 0.0
+    for unit, repeat in unit_pages:
+        for pages, group, expert in unit:
+            total, count = total + repeat * sum(pages), count + repeat * len(pages)
+            sharded += repeat * sum(pages) / group
+            if expert:
+                expert_total, expert_count = expert_total + repeat * sum(pages), expert_count + repeat * len(pages)
     return PageLayout(
-        params=n_layers * sum(block) + sum(sum(numels) for numels in outside),
-        total=sum(n * sum(p) for p, n in unit_pages), count=sum(n * len(p) for p, n in unit_pages),
-        largest=max(max(p) for p, _ in unit_pages), widest_unit=max(len(p) for p, _ in unit_pages),
-        widest_unit_numel=max(sum(p) for p, _ in unit_pages),
+        params=dense * sum(block) + moe * sum(n for n, _ in moe_block) + sum(sum(numels) for numels in outside),
+        total=total, count=count, largest=max(max(p) for unit, _ in unit_pages for p, _, _ in unit),
+        widest_unit=max(sum(len(p) for p, _, _ in unit) for unit, _ in unit_pages),
+        widest_unit_numel=max(sum(sum(p) for p, _, _ in unit) for unit, _ in unit_pages),
+        sharded=sharded, expert_params=moe * sum(routed), expert_total=expert_total, expert_count=expert_count,
     )
 
 
@@ -100,6 +131,7 @@ class ZeroBytes:
     optimizer_nvme: float
     optimizer_on_device: float  # fraction of the optimizer state (and of the AdamW work) on device
     total_numel: float  # elements of the pages (or flat buffer) this rank holds whole before sharding
+    expert_numel: float  # of those, the routed-expert pools sharded over dp·cp / ep (zero without ep)
     in_flight: float  # gathered parameter pages and gradient buckets beyond the shards
     own_numel: float  # elements this rank's optimizer updates
     pages: PageLayout
@@ -114,19 +146,22 @@ def zero_bytes(m: ModelShape, lay: Layout, cfg: Config, impl: Implementation, n_
     shards = lay.dp * lay.cp
     pb = dtype_bytes(cfg)
     gb = impl.grad_bytes or pb
-    pages = page_layout(m, lay.tp, n_layers, stage_units(m, lay, stage_name), pb, z.page_mb, shards)
+    pages = page_layout(m, lay.tp, lay.ep, n_layers, stage_units(m, lay, stage_name), pb, z.page_mb, shards)
     in_flight = 0.0
     if impl.paged:
-        total = pages.total
+        total, expert, sharded = pages.total, pages.expert_total, pages.sharded
         # Windows longer than the rank's pages hold no more than those (as placement.in_flight_bytes).
         prefetch, reductions = min(z.prefetch_pages, pages.count), min(max(2, z.prefetch_pages), pages.count)
         if stage >= 2:  # the running unit's buckets; a bucket and a receive buffer per reduction in flight
             in_flight = (pages.widest_unit_numel + 2 * reductions * pages.largest) * pb
             if stage == 3:  # whole units gathered, two at once for a tied pair, plus the prefetch
                 in_flight += (2 * pages.widest_unit_numel + prefetch * pages.largest) * pb
-    else:
-        total = _round_up(pages.params, shards)
-    own = total if stage == 0 else total / shards
+    else:  # one flat buffer per group: dense weights over dp·cp, routed experts over dp·cp / ep
+        edp = shards // lay.ep
+        expert = _round_up(pages.expert_params, edp)
+        total = _round_up(pages.params - pages.expert_params, shards) + expert
+        sharded = (total - expert) / shards + expert / edp
+    own = total if stage == 0 else sharded
     # Stages 0-1 keep a bucket of whole gradients; ZeROCache's stages 1-3 add the reduced shard,
     # a flat buffer reduce-scatters in place.
     grads = total * gb if stage <= 1 else 0.0
@@ -168,5 +203,5 @@ def zero_bytes(m: ModelShape, lay: Layout, cfg: Config, impl: Implementation, n_
         grads=grads, optimizer_device=on_device * slab(param_tier, "device"),
         optimizer_host=optimizer_off if state_tier == "host" else 0.0,
         optimizer_nvme=optimizer_off if state_tier == "nvme" else 0.0,
-        optimizer_on_device=on_device, total_numel=total, in_flight=in_flight, own_numel=own, pages=pages, problems=problems,
+        optimizer_on_device=on_device, total_numel=total, expert_numel=expert, in_flight=in_flight, own_numel=own, pages=pages, problems=problems,
     )
