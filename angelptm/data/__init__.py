@@ -1,7 +1,8 @@
 """Data for training: a byte tokenizer, memory-mapped token files, the sources, blends, a stateless sampler.
 
 The trainer calls `build_datasets(cfg.data, cfg.train.seq_len, cfg.model.vocab_size)` for the training
-and validation data and wraps each in `build_sampler(data, seq_len, global_batch, seed=cfg.data.seed)`.
+and validation data and wraps each in `build_sampler(data, seq_len, global_batch, seed=cfg.data.seed,
+data_cfg=cfg.data)`, which picks the sampler data.format and data.pack name (angelptm.data.packing).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from angelptm.data.blend import Blend, BlendSampler
 from angelptm.data.builder import TokenDataset, TokenFile, build_token_file, cached_token_file, list_documents
 from angelptm.data.holdout import hold_out
 from angelptm.data.megatron import MegatronDataset, megatron_dataset
+from angelptm.data.packing import PackedSFTSampler, PackedTextSampler, SFTSampler
 from angelptm.data.sampler import TokenSampler, count_windows
 from angelptm.data.sources import cache_dir, stdlib_dataset, synthetic_dataset, text_dataset, tokens_dataset
 from angelptm.data.tokenizer import ByteTokenizer
@@ -38,7 +40,7 @@ def open_source(source: str, path: Optional[str], seed: int, vocab_size: int,
 
 
 def _checked(dataset: Union[TokenDataset, Blend], seq_len: int, vocab_size: int, tokenizer: Tokenizer,
-             spec: str) -> Union[TokenDataset, Blend]:
+             spec: str, sft: bool = False) -> Union[TokenDataset, Blend]:
     for part in dataset.datasets if isinstance(dataset, Blend) else [dataset]:
         # Token files name the tokenizer that made them ("byte" or "hf-<hash of its files>"); Megatron
         # and synthetic ids name none. Ids from another tokenizer would train, but every decode (the
@@ -53,7 +55,11 @@ def _checked(dataset: Union[TokenDataset, Blend], seq_len: int, vocab_size: int,
                 f"model.vocab_size={vocab_size} is smaller than the {part.tokenizer} tokenizer's "
                 f"{part.vocab_size} ids in {part.name}; set model.vocab_size={part.vocab_size} or more"
             )
-        count_windows(part, seq_len)
+        if not sft:
+            count_windows(part, seq_len)
+        elif part.loss_mask is None:  # an SFT sample may be shorter than a row, but it needs its mask
+            raise UserError(f"data.format=sft needs a token file written by `angelptm prepare --sft`; {part.name} "
+                            "has no loss mask: prepare it with --sft, or set data.format=text")
     return dataset
 
 
@@ -89,6 +95,9 @@ def build_datasets(data_cfg: DataConfig, seq_len: int,
     if data_cfg.tokenizer != "byte" and tokenizer.vocab_size > vocab_size:
         raise UserError(f"model.vocab_size={vocab_size} is smaller than data.tokenizer={data_cfg.tokenizer}'s "
                         f"{tokenizer.vocab_size} ids; set model.vocab_size={tokenizer.vocab_size} or more")
+    if data_cfg.format == "sft" and (data_cfg.sources or isinstance(data_cfg.valid, list)):
+        raise UserError("data.format=sft reads one token file, not a blend (data.sources, or a list in data.valid); "
+                        "prepare the SFT inputs together with `angelptm prepare --sft` and set data.path")
     if data_cfg.sources:
         train = _open(data_cfg.sources, "data.sources", data_cfg.seed, vocab_size, tokenizer)
     else:
@@ -101,7 +110,7 @@ def build_datasets(data_cfg: DataConfig, seq_len: int,
         train, valid = (Blend(kept, train.weights), Blend(held, train.weights)) if isinstance(train, Blend) \
             else (kept[0], held[0])
     check = functools.partial(_checked, seq_len=seq_len, vocab_size=vocab_size, tokenizer=tokenizer,
-                              spec=data_cfg.tokenizer)
+                              spec=data_cfg.tokenizer, sft=data_cfg.format == "sft")
     return check(train), None if valid is None else check(valid)
 
 
@@ -110,16 +119,28 @@ def build_dataset(data_cfg: DataConfig, seq_len: int, vocab_size: int) -> Union[
     return build_datasets(data_cfg, seq_len, vocab_size)[0]
 
 
-def build_sampler(dataset: Union[TokenDataset, Blend], seq_len: int, global_batch: int,
-                  seed: int) -> Union[TokenSampler, BlendSampler]:
-    """The sampler that reads `dataset`'s windows for each step, a blend's by weight."""
+def build_sampler(dataset: Union[TokenDataset, Blend], seq_len: int, global_batch: int, seed: int,
+                  data_cfg: Optional[DataConfig] = None):
+    """The sampler that reads `dataset`'s rows for each step: windows of the token stream (a blend's by
+    weight), packed with document boundaries under data.pack, or SFT samples under data.format=sft.
+    Every one hands the trainer `microbatch(step, start, count) -> Rows`."""
+    data_cfg = data_cfg or DataConfig()
     if isinstance(dataset, Blend):
+        if data_cfg.pack or data_cfg.format == "sft":
+            raise UserError("data.pack=true and data.format=sft read one dataset, not a blend (data.sources); "
+                            "set data.pack=false, or train on one token file")
         return BlendSampler(dataset, seq_len, global_batch, seed)
+    if data_cfg.format == "sft":
+        sampler = PackedSFTSampler if data_cfg.pack else SFTSampler
+        return sampler(dataset, seq_len, global_batch, seed, overlong=data_cfg.overlong)
+    if data_cfg.pack:
+        return PackedTextSampler(dataset, seq_len, global_batch, seed)
     return TokenSampler(dataset, seq_len, global_batch, seed)
 
 
 __all__ = [
-    "Blend", "BlendSampler", "ByteTokenizer", "MegatronDataset", "TokenDataset", "TokenFile", "TokenSampler",
+    "Blend", "BlendSampler", "ByteTokenizer", "MegatronDataset", "PackedSFTSampler", "PackedTextSampler",
+    "SFTSampler", "TokenDataset", "TokenFile", "TokenSampler",
     "build_dataset", "build_datasets", "build_sampler", "build_token_file", "cache_dir", "cached_token_file",
     "hold_out", "list_documents", "load_tokenizer", "megatron_dataset", "open_source", "stdlib_dataset", "synthetic_dataset",
     "text_dataset", "tokens_dataset",

@@ -4,7 +4,10 @@ A token file is two files sharing a prefix:
   <prefix>.bin   every document's token ids back to back, little-endian uint16 when the vocabulary
                  fits (<= 65536 ids), else uint32; a document is one source file, BOS + bytes + EOS;
   <prefix>.json  the index: dtype, number of tokens, document offsets, vocabulary size, tokenizer,
-                 the SHA-256 of the .bin bytes, and the fingerprint of the sources it was built from.
+                 the SHA-256 of the .bin bytes, and the fingerprint of the sources it was built from;
+and, for SFT data (`prepare --sft`), a third:
+  <prefix>.mask  one uint8 per token, 1 where the token is a target that takes the loss (an assistant
+                 token), recorded in the index with its SHA-256, its count of ones and the pad id.
 Each is written under a temporary name and renamed into place, so a crash never leaves a half-written
 file, and a reader that catches the pair mid-replacement sees a checksum mismatch, never wrong tokens.
 `TokenFile` checks size and checksum on open; `cached_token_file` rebuilds a cache that is missing,
@@ -37,16 +40,21 @@ class TokenDataset:
     """A flat stream of token ids, with what identifies it: a checksum of the ids and the vocabulary size.
 
     `doc_offsets` are the positions where its documents start (one document unless told otherwise).
+    SFT data also has `loss_mask` (1 where a token takes the loss as a target, indexed like `tokens`)
+    and the `pad_id` that fills the rest of a row.
     """
 
     def __init__(self, tokens: np.ndarray, vocab_size: int, tokenizer: str, checksum: str, name: str,
-                 doc_offsets: Optional[Sequence[int]] = None):
+                 doc_offsets: Optional[Sequence[int]] = None, loss_mask: Optional[np.ndarray] = None,
+                 pad_id: Optional[int] = None):
         self.tokens = tokens
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
         self.checksum = checksum
         self.name = name
         self.doc_offsets = [0] if doc_offsets is None else doc_offsets
+        self.loss_mask = loss_mask
+        self.pad_id = pad_id
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -64,6 +72,11 @@ def checksum(tokens: np.ndarray) -> str:
 def _paths(prefix: PathLike) -> tuple[Path, Path]:
     prefix = Path(prefix)
     return prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".json")
+
+
+def mask_path(prefix: PathLike) -> Path:
+    """Where an SFT token file keeps its loss mask."""
+    return Path(prefix).with_name(Path(prefix).name + ".mask")
 
 
 class TokenFile(TokenDataset):
@@ -85,6 +98,8 @@ class TokenFile(TokenDataset):
                 raise ValueError(index)
             expected_checksum, tokenizer = str(index["checksum"]), str(index["tokenizer"])
             doc_offsets, fingerprint = list(index["doc_offsets"]), str(index["source_fingerprint"])
+            mask_checksum = None if index.get("loss_mask") is None else str(index["loss_mask"]["checksum"])
+            pad_id = None if index.get("pad_id") is None else int(index["pad_id"])
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             raise UserError(f"token index {index_path} is corrupt or from another format; {fix}") from None
         size, expected = bin_path.stat().st_size, num_tokens * dtype.itemsize
@@ -96,9 +111,24 @@ class TokenFile(TokenDataset):
         digest = checksum(tokens)
         if digest != expected_checksum:
             raise UserError(f"token file {bin_path} does not match the checksum in its index; {fix}")
-        super().__init__(tokens, vocab_size, tokenizer, digest, name=str(prefix), doc_offsets=doc_offsets)
+        loss_mask = None if mask_checksum is None else _open_mask(mask_path(prefix), num_tokens, mask_checksum, fix)
+        super().__init__(tokens, vocab_size, tokenizer, digest, name=str(prefix), doc_offsets=doc_offsets,
+                         loss_mask=loss_mask, pad_id=pad_id)
         self.prefix = Path(prefix)
         self.source_fingerprint = fingerprint
+
+
+def _open_mask(path: Path, num_tokens: int, expected_checksum: str, fix: str) -> np.ndarray:
+    """The loss mask an index names, checked as the tokens are: present, one byte per token, same checksum."""
+    if not path.is_file():
+        raise UserError(f"token file {path.with_suffix('')} is incomplete: {path} is missing; {fix}")
+    if path.stat().st_size != num_tokens:
+        raise UserError(f"loss mask {path} is truncated or corrupt ({path.stat().st_size} bytes, its index says "
+                        f"{num_tokens}); {fix}")
+    mask = np.memmap(path, dtype=np.uint8, mode="r", shape=(num_tokens,))
+    if checksum(mask) != expected_checksum:
+        raise UserError(f"loss mask {path} does not match the checksum in its index; {fix}")
+    return mask
 
 
 def list_documents(sources: Union[PathLike, Sequence[PathLike]], suffix: str = "",
@@ -156,16 +186,28 @@ def _atomic_write(path: Path) -> Iterator:
 class TokenFileWriter:
     """Appends token ids to a new token file; `token_file_writer` makes the pair appear on success only."""
 
-    def __init__(self, out, vocab_size: int):
-        self._out = out
+    def __init__(self, out, vocab_size: int, mask_out=None):
+        self._out, self._mask_out = out, mask_out
         self.dtype = token_dtype(vocab_size)
         self.digest = hashlib.sha256()
+        self.mask_digest = hashlib.sha256()
         self.doc_offsets: list[int] = []
         self.num_tokens = 0
+        self.loss_tokens = 0
 
-    def write(self, ids: np.ndarray, doc_starts: Sequence[int] = (0,)) -> None:
-        """Append `ids`; `doc_starts` are the positions in `ids` where a document begins."""
+    def write(self, ids: np.ndarray, doc_starts: Sequence[int] = (0,), loss_mask: Optional[np.ndarray] = None) -> None:
+        """Append `ids`; `doc_starts` are the positions in `ids` where a document begins; `loss_mask`
+        (one 0/1 per id) is required by a writer of SFT data and refused by any other."""
         ids = np.ascontiguousarray(ids, dtype=self.dtype)
+        if (loss_mask is None) != (self._mask_out is None):
+            raise ValueError("a loss mask goes with every write to an SFT token file, and to no other")
+        if loss_mask is not None:
+            mask = np.ascontiguousarray(loss_mask, dtype=np.uint8)
+            if mask.shape != ids.shape:
+                raise ValueError(f"a loss mask of shape {mask.shape} for ids of shape {ids.shape}")
+            self.loss_tokens += int(np.count_nonzero(mask))
+            self.mask_digest.update(mask.data)
+            self._mask_out.write(mask.data)
         self.doc_offsets.extend(self.num_tokens + int(start) for start in doc_starts)
         self.num_tokens += ids.size
         self.digest.update(ids.data)
@@ -173,14 +215,16 @@ class TokenFileWriter:
 
 
 @contextlib.contextmanager
-def token_file_writer(prefix: Path, tokenizer, fingerprint: str) -> Iterator[TokenFileWriter]:
-    """A writer whose `<prefix>.bin` and `<prefix>.json` appear, complete, when the block ends without
-    an error; on an error neither is written (an older pair stays as it was)."""
+def token_file_writer(prefix: Path, tokenizer, fingerprint: str, loss_mask: bool = False) -> Iterator[TokenFileWriter]:
+    """A writer whose `<prefix>.bin` and `<prefix>.json` (and with `loss_mask`, `<prefix>.mask`) appear,
+    complete, when the block ends without an error; on an error none is written (older ones stay as they were).
+    The index is written last: a reader never finds an index naming ids or a mask that are not there."""
     bin_path, index_path = _paths(prefix)
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        with _atomic_write(bin_path) as out:
-            writer = TokenFileWriter(out, tokenizer.vocab_size)
+        masking = _atomic_write(mask_path(prefix)) if loss_mask else contextlib.nullcontext()
+        with _atomic_write(bin_path) as out, masking as mask_out:
+            writer = TokenFileWriter(out, tokenizer.vocab_size, mask_out)
             yield writer
         index = {
             "format": INDEX_FORMAT,
@@ -193,6 +237,10 @@ def token_file_writer(prefix: Path, tokenizer, fingerprint: str) -> Iterator[Tok
             "checksum": "sha256:" + writer.digest.hexdigest(),
             "source_fingerprint": fingerprint,
         }
+        if loss_mask:
+            index["loss_mask"] = {"dtype": "uint8", "checksum": "sha256:" + writer.mask_digest.hexdigest(),
+                                  "loss_tokens": writer.loss_tokens}
+            index["pad_id"] = tokenizer.pad_id
         with _atomic_write(index_path) as out:
             out.write(json.dumps(index).encode())
     except UserError:

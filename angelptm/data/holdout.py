@@ -4,6 +4,7 @@ Which documents are held out depends only on the number of documents and the fra
 seed, not data.seed), so runs that differ in their training order still share one validation set.
 Neither view copies tokens: each maps positions of its own back-to-back stream onto spans of the
 original (memory-mapped) one, so a training window can never reach into a held-out document.
+An SFT dataset's loss mask is viewed the same way, so each sample keeps its mask.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def _view(dataset: TokenDataset, docs: np.ndarray, part: str, fraction: float) -
     starts, lengths = starts[keep], lengths[keep]
     doc_offsets = np.cumsum(lengths) - lengths
     checksum = "sha256:" + hashlib.sha256(f"{dataset.checksum} {part} {fraction!r}".encode()).hexdigest()
+    loss_mask = None if dataset.loss_mask is None else Spans(dataset.loss_mask, starts, lengths)
     return TokenDataset(Spans(dataset.tokens, starts, lengths), dataset.vocab_size, dataset.tokenizer, checksum,
-                        f"{dataset.name} ({part})", doc_offsets=doc_offsets)
+                        f"{dataset.name} ({part})", doc_offsets=doc_offsets, loss_mask=loss_mask, pad_id=dataset.pad_id)
 
 
 def hold_out(dataset: TokenDataset, fraction: float) -> tuple[TokenDataset, TokenDataset]:

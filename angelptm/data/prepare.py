@@ -8,6 +8,10 @@ their order, so memory holds a few batches per worker whatever the size of the i
   .jsonl[.gz|.zst] one document per line, the string in `--field`; blank lines are skipped;
   .parquet        one document per row of the `--field` column, read a record batch at a time.
 The result is the `.bin` + `.json` token file of `angelptm.data.builder`, written atomically.
+
+With `sft`, each jsonl line or parquet row is one chat sample (`messages`, or `prompt`/`completion`;
+see angelptm.data.sft), rendered with the tokenizer's chat template into one document, and the file
+gets its loss mask (`.mask`) beside the ids.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import IO, Iterator, Optional, Sequence
 import numpy as np
 
 from angelptm.data.builder import list_documents, source_fingerprint, token_dtype, token_file_writer
+from angelptm.data.sft import SFTRenderer
 from angelptm.data.tokenizers import Tokenizer, load_tokenizer
 from angelptm.errors import UserError
 
@@ -34,6 +39,7 @@ PIECE_BYTES = 1 << 20
 BATCH_BYTES = 1 << 20
 BATCH_DOCS = 1024
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+SFT_COLUMNS = (("messages",), ("prompt", "completion"))  # what an SFT parquet file holds, first found wins
 _DATA_EXTRA = "pip install angelptm[data]"
 
 
@@ -42,11 +48,11 @@ class Batch:
     """Documents (or .txt pieces) in input order, raw: jsonl lines are parsed by the worker."""
 
     path: str
-    kind: str  # "text": texts are documents or pieces; "jsonl": texts are raw lines
+    kind: str  # "text": texts are documents or pieces; "jsonl": texts are raw lines; "rows": parquet SFT rows
     texts: list = field(default_factory=list)
     starts: list = field(default_factory=list)  # text begins a document (pieces after the first do not)
     ends: list = field(default_factory=list)
-    first_line: int = 1  # jsonl: the line number of texts[0]
+    first_line: int = 1  # jsonl: the line number of texts[0]; rows: its row number
     nbytes: int = 0
     input_bytes: int = 0  # how far into the input files the reading is, for the progress line
 
@@ -57,6 +63,8 @@ class Encoded:
     doc_starts: np.ndarray
     skipped: int
     input_bytes: int
+    loss_mask: Optional[np.ndarray] = None  # SFT: one 0/1 per id
+    longest: int = 0  # SFT: the most ids in one sample
 
 
 def _open_lines(path: Path) -> tuple[IO[bytes], IO[bytes]]:
@@ -161,7 +169,7 @@ def _jsonl_batches(path: Path) -> Iterator[Batch]:
             yield batch
 
 
-def _parquet_batches(path: Path, text_field: str, skip_bad: bool) -> Iterator[Batch]:
+def _parquet_batches(path: Path, text_field: str, skip_bad: bool, sft: bool = False) -> Iterator[Batch]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -171,6 +179,9 @@ def _parquet_batches(path: Path, text_field: str, skip_bad: bool) -> Iterator[Ba
     except Exception as e:  # pyarrow's ArrowInvalid and friends
         raise UserError(f"{path} is not a readable parquet file ({e}); restore it or leave it out") from None
     names = parquet.schema_arrow.names
+    if sft:
+        yield from _parquet_rows(path, parquet)
+        return
     if text_field not in names:
         raise UserError(f"{path} has no column {text_field!r} (columns: {', '.join(names)}); pass --field NAME")
     size, rows_total, row = path.stat().st_size, max(parquet.metadata.num_rows, 1), 0
@@ -192,13 +203,36 @@ def _parquet_batches(path: Path, text_field: str, skip_bad: bool) -> Iterator[Ba
         yield batch
 
 
-def _jsonl_text(line: bytes, text_field: str) -> Optional[str]:
-    """The document in one jsonl line; None for a blank line; ValueError saying what is wrong."""
+def _parquet_rows(path: Path, parquet) -> Iterator[Batch]:
+    """An SFT parquet file's rows as dicts of its SFT columns, a record batch at a time."""
+    names = parquet.schema_arrow.names
+    columns = next((list(c) for c in SFT_COLUMNS if all(name in names for name in c)), None)
+    if columns is None:
+        raise UserError(f"{path} has neither a messages column nor prompt and completion columns (columns: "
+                        f"{', '.join(names)}); write SFT rows in one of those forms")
+    size, rows_total, row = path.stat().st_size, max(parquet.metadata.num_rows, 1), 0
+    for record_batch in parquet.iter_batches(batch_size=BATCH_DOCS, columns=columns):
+        rows = record_batch.to_pylist()
+        yield Batch(str(path), "rows", rows, first_line=row + 1, nbytes=record_batch.nbytes,
+                    input_bytes=size * (row + len(rows)) // rows_total)
+        row += len(rows)
+
+
+def _jsonl_record(line: bytes) -> Optional[dict]:
+    """The JSON object on one jsonl line; None for a blank line; ValueError saying what is wrong."""
     if not line.strip():
         return None
     record = json.loads(line)
     if not isinstance(record, dict):
         raise ValueError(f"is a JSON {type(record).__name__}, not an object")
+    return record
+
+
+def _jsonl_text(line: bytes, text_field: str) -> Optional[str]:
+    """The document in one jsonl line; None for a blank line; ValueError saying what is wrong."""
+    record = _jsonl_record(line)
+    if record is None:
+        return None
     text = record.get(text_field)
     if not isinstance(text, str):
         raise ValueError(f"has no string field {text_field!r}" if text is None else
@@ -210,13 +244,52 @@ def _jsonl_text(line: bytes, text_field: str) -> Optional[str]:
 _worker_state: dict = {}
 
 
-def _start_worker(tokenizer_spec: str, text_field: str, skip_bad: bool) -> None:
+def _start_worker(tokenizer_spec: str, text_field: str, skip_bad: bool, sft: bool = False) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
-    _worker_state.update(tokenizer=load_tokenizer(tokenizer_spec, "--tokenizer"), field=text_field, skip_bad=skip_bad)
+    tokenizer = load_tokenizer(tokenizer_spec, "--tokenizer")
+    _worker_state.update(tokenizer=tokenizer, field=text_field, skip_bad=skip_bad,
+                         sft=SFTRenderer(tokenizer) if sft else None)
+
+
+def _row_name(batch: Batch) -> str:
+    return "row" if batch.kind == "rows" else "line"
+
+
+def _bad_row(batch: Batch, number: int, error: ValueError) -> UserError:
+    reason = f"is not valid JSON ({error.msg})" if isinstance(error, json.JSONDecodeError) else str(error)
+    return UserError(f"{batch.path}: {_row_name(batch)} {number} {reason}; fix it or pass --skip-bad to skip bad "
+                     f"{_row_name(batch)}s")
+
+
+def _encode_sft(batch: Batch, renderer: SFTRenderer, skip_bad: bool, dtype: np.dtype) -> Encoded:
+    """Each jsonl line or parquet row of `batch` as one sample: its ids and its loss mask."""
+    ids, masks, skipped = [], [], 0
+    for number, item in enumerate(batch.texts, start=batch.first_line):
+        try:
+            record = _jsonl_record(item) if batch.kind == "jsonl" else item
+            if record is None:
+                continue
+            sample, mask = renderer.render(record)
+        except (ValueError, UnicodeDecodeError) as e:
+            if skip_bad:
+                skipped += 1
+                continue
+            raise _bad_row(batch, number, e) from None
+        except UserError as e:  # the template, not the row, is at fault: say where it showed
+            raise UserError(f"{batch.path}: {_row_name(batch)} {number}: {e}") from None
+        ids.append(sample)
+        masks.append(mask)
+    lengths = np.fromiter((sample.size for sample in ids), dtype=np.int64, count=len(ids))
+    if not ids:
+        return Encoded(np.empty(0, dtype=dtype), lengths, skipped, batch.input_bytes, np.empty(0, dtype=np.uint8))
+    return Encoded(np.concatenate(ids).astype(dtype), np.cumsum(lengths) - lengths, skipped, batch.input_bytes,
+                   np.concatenate(masks), int(lengths.max()))
 
 
 def _encode(batch: Batch) -> Encoded:
     tokenizer, text_field, skip_bad = _worker_state["tokenizer"], _worker_state["field"], _worker_state["skip_bad"]
+    if _worker_state["sft"] is not None:
+        return _encode_sft(batch, _worker_state["sft"], skip_bad, token_dtype(tokenizer.vocab_size))
     texts, starts, ends, skipped = batch.texts, batch.starts, batch.ends, 0
     if batch.kind == "jsonl":
         texts = []
@@ -227,9 +300,7 @@ def _encode(batch: Batch) -> Encoded:
                 if skip_bad:
                     skipped += 1
                     continue
-                reason = f"is not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
-                raise UserError(f"{batch.path}: line {number} {reason}; fix it or pass --skip-bad to skip bad lines"
-                                ) from None
+                raise _bad_row(batch, number, e) from None
             if text is not None:
                 texts.append(text)
         starts = ends = [True] * len(texts)
@@ -245,28 +316,28 @@ def _encode(batch: Batch) -> Encoded:
     return Encoded(ids, offsets[np.asarray(starts, dtype=bool)] if encoded else offsets, skipped, batch.input_bytes)
 
 
-def input_files(inputs: Sequence[str]) -> tuple[list[Path], int]:
+def input_files(inputs: Sequence[str], suffixes: tuple[str, ...] = SUFFIXES) -> tuple[list[Path], int]:
     """The files to read, in order, and how many files in the folders were left out for their type."""
     files, other = [], 0
     for source in inputs:
         path = Path(source).expanduser()
         if not path.exists():
-            raise UserError(f"input {source} does not exist; pass {', '.join(SUFFIXES)} files or folders of them")
+            raise UserError(f"input {source} does not exist; pass {', '.join(suffixes)} files or folders of them")
         for found in list_documents(path):
-            if found.name.endswith(SUFFIXES):
+            if found.name.endswith(suffixes):
                 files.append(found)
             elif path.is_file():
-                raise UserError(f"input {found} is not a {', '.join(SUFFIXES)} file; convert it or leave it out")
+                raise UserError(f"input {found} is not a {', '.join(suffixes)} file; convert it or leave it out")
             else:
                 other += 1
     return files, other
 
 
-def _file_batches(files: Sequence[Path], text_field: str, skip_bad: bool) -> Iterator[Batch]:
+def _file_batches(files: Sequence[Path], text_field: str, skip_bad: bool, sft: bool) -> Iterator[Batch]:
     done = 0
     for path in files:
         if path.name.endswith(".parquet"):
-            reader = _parquet_batches(path, text_field, skip_bad)
+            reader = _parquet_batches(path, text_field, skip_bad, sft)
         elif path.name.endswith(".txt"):
             reader = _text_batches(path)
         else:
@@ -277,11 +348,11 @@ def _file_batches(files: Sequence[Path], text_field: str, skip_bad: bool) -> Ite
         done += path.stat().st_size
 
 
-def _batches(files: Sequence[Path], text_field: str, skip_bad: bool) -> Iterator[Batch]:
+def _batches(files: Sequence[Path], text_field: str, skip_bad: bool, sft: bool = False) -> Iterator[Batch]:
     """Each file's batches, small consecutive text ones (short .txt files) joined up to BATCH_BYTES:
     one batch per worker call keeps the encoder batching and the messages between processes few."""
     joined: Optional[Batch] = None
-    for batch in _file_batches(files, text_field, skip_bad):
+    for batch in _file_batches(files, text_field, skip_bad, sft):
         if joined is not None and (batch.kind != "text" or joined.nbytes + batch.nbytes > BATCH_BYTES
                                    or len(joined.texts) + len(batch.texts) > BATCH_DOCS):
             yield joined
@@ -303,23 +374,29 @@ def _batches(files: Sequence[Path], text_field: str, skip_bad: bool) -> Iterator
 class Progress:
     """A progress line on stderr (rewritten in place on a terminal, else every few seconds)."""
 
-    def __init__(self, total_bytes: int, stream=None):
+    def __init__(self, total_bytes: int, stream=None, sft_template: Optional[str] = None):
         self.total, self.stream, self.start = total_bytes, stream or sys.stderr, time.perf_counter()
+        self.sft_template = sft_template  # SFT: how the samples are rendered
+        self.unit = "documents" if sft_template is None else "samples"
         self.tty = self.stream.isatty()
         self._next = self.start
-        self.docs = self.tokens = self.skipped = self.done = 0
+        self.docs = self.tokens = self.skipped = self.done = self.loss_tokens = self.longest = 0
 
     def update(self, encoded: Encoded) -> None:
         self.docs += len(encoded.doc_starts)
         self.tokens += encoded.ids.size
         self.skipped += encoded.skipped
+        if encoded.loss_mask is not None:
+            self.loss_tokens += int(np.count_nonzero(encoded.loss_mask))
+            self.longest = max(self.longest, encoded.longest)
         self.done = encoded.input_bytes
         now = time.perf_counter()
         if now >= self._next:
             self._next = now + (0.5 if self.tty else 10.0)
             elapsed = max(now - self.start, 1e-9)
             eta = (self.total - self.done) * elapsed / self.done if self.done else 0
-            line = (f"prepare: {self.docs:,} documents, {self.tokens:,} tokens, {self.tokens / elapsed:,.0f} tokens/s, "
+            line = (f"prepare: {self.docs:,} {self.unit}, {self.tokens:,} tokens, "
+                    f"{self.tokens / elapsed:,.0f} tokens/s, "
                     f"{100 * self.done / max(self.total, 1):.0f}%, ETA {eta:.0f} s")
             print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=self.stream, flush=True)
 
@@ -328,7 +405,12 @@ class Progress:
         if self.tty:
             print(file=self.stream)
         skipped = f", skipped {self.skipped:,} bad lines/rows" if self.skipped else ""
-        return (f"wrote {prefix}.bin + .json: {self.docs:,} documents, {self.tokens:,} tokens from {self.total:,} "
+        what = f"{self.docs:,} {self.unit}, {self.tokens:,} tokens"
+        if self.sft_template is not None:
+            what += (f", {self.loss_tokens:,} loss tokens, longest sample {self.longest:,} tokens, rendered with "
+                     f"{self.sft_template}")
+        files = f"{prefix}.bin + {'' if self.sft_template is None else '.mask + '}.json"
+        return (f"wrote {files}: {what} from {self.total:,} "
                 f"bytes in {elapsed:.1f} s ({self.tokens / max(elapsed, 1e-9):,.0f} tokens/s){skipped}")
 
 
@@ -350,12 +432,14 @@ def _encoded_in_order(batches: Iterator[Batch], workers: int, init_args: tuple) 
 
 
 def prepare(inputs: Sequence[str], tokenizer_spec: str, out_prefix: str, text_field: str = "text",
-            workers: Optional[int] = None, skip_bad: bool = False, progress_stream=None) -> str:
-    """Tokenize `inputs` into the token file `out_prefix` (.bin + .json); return the summary line."""
+            workers: Optional[int] = None, skip_bad: bool = False, progress_stream=None, sft: bool = False) -> str:
+    """Tokenize `inputs` into the token file `out_prefix` (.bin + .json; with `sft`, chat samples and
+    their loss mask .mask); return the summary line."""
     tokenizer: Tokenizer = load_tokenizer(tokenizer_spec, "--tokenizer")
-    files, other = input_files(inputs)
+    suffixes = tuple(s for s in SUFFIXES if s != ".txt") if sft else SUFFIXES  # a sample is a row, not a file
+    files, other = input_files(inputs, suffixes)
     if not files:
-        kinds = ", ".join(SUFFIXES)
+        kinds = ", ".join(suffixes)
         raise UserError(f"no {kinds} files in {' '.join(inputs)}" + (f" ({other} files of other types)" if other else "")
                         + "; pass files of those types or folders holding some")
     if workers is None:
@@ -363,15 +447,21 @@ def prepare(inputs: Sequence[str], tokenizer_spec: str, out_prefix: str, text_fi
     if workers < 1:
         raise UserError(f"--workers={workers} must be at least 1")
     prefix = Path(out_prefix).expanduser()
-    fingerprint = source_fingerprint(files, tokenizer, {"field": text_field, "skip_bad": skip_bad,
-                                                        "piece_bytes": PIECE_BYTES})
-    progress = Progress(sum(f.stat().st_size for f in files), progress_stream)
-    init_args = (tokenizer_spec, text_field, skip_bad)
-    with token_file_writer(prefix, tokenizer, fingerprint) as writer:
-        for encoded in _encoded_in_order(_batches(files, text_field, skip_bad), workers, init_args):
-            writer.write(encoded.ids, encoded.doc_starts)
+    extra = {"field": text_field, "skip_bad": skip_bad, "piece_bytes": PIECE_BYTES}
+    template = None
+    if sft:  # the template decides the ids and the mask
+        renderer = SFTRenderer(tokenizer)
+        extra.update(renderer.identity)
+        template = ("the tokenizer's chat template" if renderer.template_source is not None else
+                    "the plain template (the tokenizer has no chat template)")
+    fingerprint = source_fingerprint(files, tokenizer, extra)
+    progress = Progress(sum(f.stat().st_size for f in files), progress_stream, template)
+    init_args = (tokenizer_spec, text_field, skip_bad, sft)
+    with token_file_writer(prefix, tokenizer, fingerprint, loss_mask=sft) as writer:
+        for encoded in _encoded_in_order(_batches(files, text_field, skip_bad, sft), workers, init_args):
+            writer.write(encoded.ids, encoded.doc_starts, encoded.loss_mask)
             progress.update(encoded)
         if writer.num_tokens == 0:
-            raise UserError(f"{' '.join(inputs)} holds no documents (empty files or only blank lines); "
-                            "pass inputs with text in them")
+            raise UserError(f"{' '.join(inputs)} holds no {'samples' if sft else 'documents'} (empty files or only "
+                            "blank lines); pass inputs with text in them")
     return progress.summary(prefix)

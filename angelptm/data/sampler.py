@@ -14,6 +14,8 @@ that the resumed run reads the same data in the same order.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -52,6 +54,11 @@ class SamplerState:
         """Rows start .. start + count of `step`'s global batch as the trainer takes them."""
         return Rows.from_windows(self.rows(step, start, count))
 
+    def note(self) -> Optional[str]:
+        """A line the trainer prints once about how the data is read (SFT samples truncated or dropped);
+        None when there is nothing to say."""
+        return None
+
     def state_dict(self, next_step: int) -> dict:
         """JSON-serialisable position (the step the run continues with) and what fixes the order."""
         return {
@@ -87,6 +94,32 @@ class SamplerState:
         return next_step
 
 
+class EpochOrder:
+    """Sample g is item perm_e[g mod n] of epoch e = g div n, perm_e a permutation of the n items seeded
+    by (seed, e, *stream): each epoch takes every item exactly once."""
+
+    def __init__(self, n: int, seed: int, stream: tuple = ()):
+        self.n, self.seed, self.stream = n, seed, tuple(stream)
+        self._permutations: dict[int, np.ndarray] = {}  # epoch -> item order; a batch spans at most two
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 2:
+                del self._permutations[min(self._permutations)]
+            rng = np.random.default_rng([self.seed, epoch, *self.stream])
+            self._permutations[epoch] = rng.permutation(self.n)
+        return self._permutations[epoch]
+
+    def __call__(self, numbers: np.ndarray) -> np.ndarray:
+        """The items of samples `numbers`."""
+        epochs, positions = np.divmod(numbers, self.n)
+        items = np.empty(len(numbers), dtype=np.int64)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            items[here] = self.permutation(int(epoch))[positions[here]]
+        return items
+
+
 class TokenSampler(SamplerState):
     """`stream` tells apart samplers that share a seed (the sources of a blend): each its own permutations."""
 
@@ -99,15 +132,7 @@ class TokenSampler(SamplerState):
         self.seed = seed
         self.stream = tuple(stream)
         self.num_windows = count_windows(dataset, seq_len)
-        self._permutations: dict[int, np.ndarray] = {}  # epoch -> window order; a batch spans at most two
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            if len(self._permutations) >= 2:
-                del self._permutations[min(self._permutations)]
-            rng = np.random.default_rng([self.seed, epoch, *self.stream])
-            self._permutations[epoch] = rng.permutation(self.num_windows)
-        return self._permutations[epoch]
+        self.order = EpochOrder(self.num_windows, seed, self.stream)
 
     def rows(self, step: int, start: int, count: int) -> torch.Tensor:
         """Rows start .. start + count of step's global batch: int64 (count, seq_len + 1).
@@ -119,13 +144,12 @@ class TokenSampler(SamplerState):
 
     def samples(self, numbers: np.ndarray) -> torch.Tensor:
         """The windows of samples `numbers` (g = step * global_batch + row): int64 (len, seq_len + 1)."""
-        epochs, positions = np.divmod(numbers, self.num_windows)
-        windows = np.empty(len(numbers), dtype=np.int64)
-        for epoch in np.unique(epochs):
-            here = epochs == epoch
-            windows[here] = self._permutation(int(epoch))[positions[here]]
-        offsets = windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        offsets = self.window_starts(numbers)[:, None] + np.arange(self.seq_len + 1)
         return torch.from_numpy(np.asarray(self.dataset.tokens[offsets], dtype=np.int64))
+
+    def window_starts(self, numbers: np.ndarray) -> np.ndarray:
+        """Where in the token stream the windows of samples `numbers` begin."""
+        return self.order(numbers) * self.seq_len
 
     def batch(self, step: int) -> torch.Tensor:
         """The whole global batch of `step`."""

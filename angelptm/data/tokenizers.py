@@ -25,7 +25,7 @@ from angelptm.errors import UserError
 TOKENIZER_JSON = "tokenizer.json"
 # What import-hf keeps with the weights and export-hf writes back (those present).
 TOKENIZER_FILES = (TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "tokenizer.model")
+                   "tokenizer.model", "chat_template.jinja")
 # Names a bare tokenizer.json (no config beside it) uses for its special tokens, most common first.
 _KNOWN_NAMES = {
     "bos": ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"),
