@@ -43,10 +43,11 @@ def _print_sample(checkpoint: Path, prompt: str, max_new_tokens: int, temperatur
                   top_k: Optional[int] = 50, seed: int = 0, device: str = "cpu") -> None:
     from angelptm.data.tokenizers import load_tokenizer
     from angelptm.generate import generate_text
-    from angelptm.train.checkpoint import load_model, resolve_checkpoint
+    from angelptm.finetune.lora import load_merged_model
+    from angelptm.train.checkpoint import resolve_checkpoint
 
     folder = resolve_checkpoint(checkpoint)
-    cfg, model = load_model(folder, device)
+    cfg, model = load_merged_model(folder, device)  # a LoRA run's adapters folded into its weights
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     text = generate_text(model, prompt, max_new_tokens, cfg.model.max_seq_len, temperature, top_k, seed, tokenizer)
     print(f"--- sample from {folder} (temperature {temperature}) ---")
@@ -72,7 +73,7 @@ def _plan(argv: list[str]) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from angelptm.data.prepare import prepare
 
-    print(prepare(args.inputs, args.tokenizer, args.out, args.field, args.workers, args.skip_bad))
+    print(prepare(args.inputs, args.tokenizer, args.out, args.field, args.workers, args.skip_bad, sft=args.sft))
     return 0
 
 
@@ -86,7 +87,7 @@ def _import_hf(args: argparse.Namespace) -> int:
 def _export_hf(args: argparse.Namespace) -> int:
     from angelptm.models.hf import export_hf
 
-    print(f"wrote {export_hf(Path(args.checkpoint), Path(args.out_dir))}")
+    print(f"wrote {export_hf(Path(args.checkpoint), Path(args.out_dir), adapter=args.adapter)}")
     return 0
 
 
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--field", default="text", help="the jsonl key / parquet column holding the text")
     prep.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per core)")
     prep.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed lines instead of stopping")
+    prep.add_argument("--sft", action="store_true",
+                      help="jsonl/parquet chat rows (messages, or prompt/completion), rendered with the tokenizer's "
+                           "chat template; also writes PREFIX.mask, the loss mask of the assistant tokens")
     prep.set_defaults(run=_prepare)
 
     imp = sub.add_parser("import-hf", help="convert a Hugging Face Llama folder into a checkpoint")
@@ -137,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face Llama folder")
     exp.add_argument("checkpoint")
     exp.add_argument("out_dir")
+    exp.add_argument("--adapter", action="store_true",
+                     help="write the LoRA adapters alone as a PEFT adapter folder instead of merging them")
     exp.set_defaults(run=_export_hf)
 
     rep = sub.add_parser("report", help="plot runs' metrics (loss, lr, grad norm, tokens/s, MFU, memory) to PNG or HTML")

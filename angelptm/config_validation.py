@@ -116,30 +116,58 @@ def _resolve_moe(cfg: Config) -> None:
            f"model.moe.n_experts × expert_ffn_dim × model.dim = {e.n_experts * e.expert_ffn_dim * m.dim:.3g} elements "
            f"in one stacked expert weight, more than a tensor can hold ({MAX_TENSOR_NUMEL:.3g}); lower one of them")
     p = cfg.parallel
-    for dim in ("tp", "pp", "cp"):
+    for dim in ("tp", "pp"):
         degree = getattr(p, dim)
         _check(degree == 1, f"model.moe with parallel.{dim} > 1 is not supported yet; set parallel.{dim}=1 "
                f"(got {degree}) or model.moe.n_experts=0")
+    # Under cp each rank routes its part of every sequence: what is a mean over tokens is exact,
+    # the balancing loss (a product of means) and the capacity (a share of the tokens) are not.
+    _check(p.cp == 1 or e.balance != "aux_loss" or not e.aux_loss_coef,
+           "model.moe with parallel.cp > 1 is not supported yet for balance=aux_loss (each rank would balance its "
+           "part of every sequence alone); set model.moe.balance=aux_free, model.moe.aux_loss_coef=0 or parallel.cp=1")
+    _check(p.cp == 1 or e.capacity_factor is None,
+           f"model.moe with parallel.cp > 1 is not supported yet for capacity_factor={e.capacity_factor} (each rank "
+           "would fill its capacity from its part of every sequence); set model.moe.capacity_factor=null or parallel.cp=1")
 
 
-def _check_not_yet(cfg: Config) -> None:
-    """Keys of DESIGN.md whose feature is still being built: refused, so none of them is silently ignored."""
-    _check(cfg.parallel.ep == 1, f"parallel.ep={cfg.parallel.ep}: expert parallelism is not available yet; "
-                                 "set parallel.ep=1")
-    _check(cfg.data.format == "text", f"data.format={cfg.data.format} is not available yet; set data.format=text")
-    _check(not cfg.data.pack, "data.pack=true is not available yet; set data.pack=false")
-    _check(cfg.finetune.lora.rank == 0, f"finetune.lora.rank={cfg.finetune.lora.rank}: LoRA is not available "
-                                        "yet; set finetune.lora.rank=0 (full fine-tuning)")
+def _check_expert_parallel(cfg: Config) -> None:
+    p, n_experts = cfg.parallel, cfg.model.moe.n_experts
+    _check(p.ep == 1 or n_experts > 0, f"parallel.ep={p.ep} splits experts, and this model has none; set "
+                                       "parallel.ep=1 or model.moe.n_experts > 0")
+    _check(n_experts % p.ep == 0, f"parallel.ep={p.ep} does not divide model.moe.n_experts={n_experts}; "
+                                  "pick ep dividing n_experts")
+    _check(p.dp == "auto" or (p.dp * p.cp) % p.ep == 0, f"parallel.ep={p.ep} does not divide dp·cp = "
+           f"{p.dp}·{p.cp} (ep ranks are carved from the data ranks); pick ep dividing dp·cp")
+
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the projections angelptm.finetune.lora adapts
+
+
+def _check_lora(cfg: Config) -> None:
+    lora = cfg.finetune.lora
+    _check(lora.rank >= 0, f"finetune.lora.rank={lora.rank} must be >= 0 (0: full fine-tuning)")
+    _check(lora.alpha > 0, f"finetune.lora.alpha={lora.alpha} must be positive (the adapters scale by alpha / rank)")
+    _check(0 <= lora.dropout < 1, f"finetune.lora.dropout={lora.dropout} must lie in [0, 1)")
+    unknown = [t for t in lora.targets if t not in LORA_TARGETS]
+    _check(bool(lora.targets) and not unknown, f"finetune.lora.targets={lora.targets} must be a non-empty list of "
+                                               f"{', '.join(LORA_TARGETS)}")
+    _check(len(set(lora.targets)) == len(lora.targets), f"finetune.lora.targets={lora.targets} names a "
+                                                        "projection twice; name each once")
+    ffn = sorted(set(lora.targets) & {"w1", "w2", "w3"})
+    _check(lora.rank == 0 or cfg.model.moe.n_experts == 0 or not ffn,
+           f"finetune.lora.targets {ffn} adapt the feed-forward, and model.moe puts experts there, which take no "
+           "adapters yet; target only wq, wk, wv, wo")
 
 
 def validate(cfg: Config) -> Config:
     """Check ranges and combinations, fill the derived defaults, and return `cfg`."""
     _resolve_model(cfg.model)
     p = cfg.parallel
-    _positive(p, "parallel", "tp", "pp", "cp", "pp_virtual_stages")
+    _positive(p, "parallel", "tp", "pp", "cp", "ep", "pp_virtual_stages")
     _check(p.dp == "auto" or p.dp > 0, f"parallel.dp={p.dp} must be positive or auto")
     _resolve_moe(cfg)
-    _check_not_yet(cfg)
+    _check_expert_parallel(cfg)
+    _check_lora(cfg)
     f8 = cfg.precision.fp8
     _check(0 < f8.amax_history <= MAX_AMAX_HISTORY, f"precision.fp8.amax_history={f8.amax_history} must lie "
            f"between 1 and {MAX_AMAX_HISTORY} steps (Transformer Engine's default is 1024, ours 16)")

@@ -42,13 +42,15 @@ def _train_sentencepiece(text: str, vocab_size: int) -> Tokenizer:
 
 
 def write_tokenizer(folder: Path, kind: str = "bpe", vocab_size: int = 600, bos_processor: bool = True,
-                    config: dict | None = None) -> Path:
+                    config: dict | None = None, added_special_tokens: tuple[str, ...] = ()) -> Path:
     """A tokenizer folder as save_pretrained writes it: tokenizer.json + tokenizer_config.json.
 
-    With `bos_processor` the post-processor puts <s> before every text, as Llama's does.
+    With `bos_processor` the post-processor puts <s> before every text, as Llama's does;
+    `added_special_tokens` (a chat template's markers) follow the trained vocabulary.
     """
     text = stdlib_text()
     tokenizer = _train_bpe(text, vocab_size) if kind == "bpe" else _train_sentencepiece(text, vocab_size)
+    tokenizer.add_special_tokens(list(added_special_tokens))
     if bos_processor:
         tokenizer.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])

@@ -97,6 +97,21 @@ def test_exported_model_matches_angelptm(tmp_path, tie, max_shard_bytes):
     assert relative_error(transformers_logits(out), ours) < 1e-5
 
 
+def test_a_trained_tied_model_exports(tmp_path, one_thread, own_process_group):
+    """A trainer's checkpoint stores a tied head once, under the embedding's name: export-hf still writes it."""
+    from conftest import tiny_config
+
+    from angelptm.train.trainer import Trainer
+
+    cfg = tiny_config(tmp_path / "run", model={"tie_embeddings": True}, train={"steps": 1})
+    Trainer(cfg).fit()
+    out = export_hf(tmp_path / "run", tmp_path / "hf")
+    _, model = load_model(tmp_path / "run")
+    with torch.no_grad():
+        theirs = LlamaForCausalLM.from_pretrained(out).eval()(TOKENS).logits
+        assert relative_error(theirs, model(TOKENS)) < 1e-5
+
+
 def test_sharded_export_imports_back_exactly(tmp_path):
     model = save_angelptm_model(tmp_path / "ckpt", tie=False)
     export_hf(tmp_path / "ckpt", tmp_path / "hf", max_shard_bytes=40_000)

@@ -150,8 +150,7 @@ def _stage0_peaks(schedules: tuple[str, ...], m: int) -> tuple[dict[str, int], i
     one = _LiveSavedActivations()
     if group.rank == 0:  # stage 0 takes token ids
         with one.hooks():
-            out = chunks[0](inputs[0])
-        del out
+            chunks[0](inputs[0])  # its output, and what it saved for backward, are freed at once
     return peaks, one.peak
 
 

@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hf_tokenizer_files import write_tokenizer
-from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from conftest import one_line
@@ -112,11 +111,8 @@ TOOL_CHAT = [{"role": "user", "content": "weather in Paris?"},
 @pytest.fixture(scope="module")
 def base_tokenizer(tmp_path_factory):
     """A small byte-level BPE trained here, with the special tokens of the templates added."""
-    folder = write_tokenizer(tmp_path_factory.mktemp("base"), "bpe", bos_processor=False)
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    return folder
+    return write_tokenizer(tmp_path_factory.mktemp("base"), "bpe", bos_processor=False,
+                           added_special_tokens=SPECIAL_TOKENS)
 
 
 def template_folder(base, where, template, config):
@@ -304,10 +300,17 @@ def test_the_template_is_found_where_transformers_finds_it(where, base_tokenizer
         assert folder / where in tokenizer.files()
 
 
-def test_a_token_across_a_turn_boundary_is_refused_in_one_line(base_tokenizer, tmp_path):
-    glued = ("{% for m in messages %}{{ ' re' if m.role == 'assistant' else 'q: ' }}{{ m.content }}\n{% endfor %}"
+def test_a_token_across_a_turn_boundary_is_trained_as_transformers_marks_it(base_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    glued = ("{% for m in messages %}{% if m.role == 'assistant' %} re{% generation %}{{ m.content }}{% endgeneration %}"
+             "{% else %}q: {{ m.content }}{% endif %}\n{% endfor %}"
              "{% if add_generation_prompt %} re{% endif %}")  # the reply "turn x" joins its header into " return"
     folder = template_folder(base_tokenizer, tmp_path / "t", glued, {})
-    with pytest.raises(UserError) as error:
-        SFTRenderer(load_tokenizer(str(folder))).render({"prompt": "hi", "completion": "turn x"})
-    assert "a token spans the boundary of message 1" in one_line(str(error.value))
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "turn x"}]
+    ids, mask = SFTRenderer(load_tokenizer(str(folder))).render({"messages": chat})
+    theirs = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids.tolist() == theirs["input_ids"] and mask.tolist() == theirs["assistant_masks"]
+    glued_token = AutoTokenizer.from_pretrained(folder).convert_ids_to_tokens(int(ids[mask.argmax()]))
+    assert glued_token.startswith("Ġre"), glued_token  # the header's " re" and the reply's "turn" in one token

@@ -10,9 +10,9 @@ same sandboxed jinja2 environment (trim_blocks, lstrip_blocks, loopcontrols, `{%
 `raise_exception`, `strftime_now`, transformers' `tojson`, `dict`, `namespace`), the special tokens
 as variables, and the text tokenized without added special tokens, so the ids are equal.
 A trained message's tokens are those whose text lies between the rendering of the conversation up
-to it (with the generation prompt) and through it; both renderings must begin the whole one, and no
-token may straddle either boundary, else the template cannot be trained on and that is said in one
-line. The span keeps the turn's end token (<|eot_id|>, <|im_end|>) and leaves out the template's
+to it (with the generation prompt) and through it, both of which must begin the whole one (else the
+template cannot be trained on, said in one line); a token holding characters of both sides of a
+boundary is trained, as in transformers' assistant mask. The span keeps the turn's end token (<|eot_id|>, <|im_end|>) and leaves out the template's
 whitespace after it, which the model never generates.
 
 A tokenizer without a chat template renders PLAIN: BOS, then each message as "role: content" ("\\n"
@@ -233,11 +233,10 @@ class SFTRenderer:
                                 "of the whole one, so that message's tokens cannot be told apart; train with a "
                                 "template whose rendering of a conversation begins with that of its first turns")
             lo, hi = len(prompt), len(through)
-            if np.any((starts < lo) & (ends > lo)) or np.any((starts < hi) & (ends > hi)):
-                raise UserError(f"a token spans the boundary of message {i} in the chat {self._where} renders, so "
-                                "the loss mask cannot follow the message; train with a template that separates the "
-                                "turns with special tokens or line breaks")
-            inside = np.flatnonzero((starts >= lo) & (starts < hi))
+            # Every token holding a character of the message is trained, as transformers' assistant mask
+            # marks them: one that also holds the header's last characters (" re" + "turn" merged into
+            # " return") included.
+            inside = np.flatnonzero((starts < hi) & (ends > lo))
             special = [j for j in inside if int(ids[j]) in self._special_ids]
             if special and not whole[ends[special[-1]]:hi].strip():  # the turn's end token, then whitespace
                 inside = inside[inside <= special[-1]]

@@ -15,21 +15,31 @@ pass recomputes each block's probabilities from the saved log-sum-exp (nothing q
 kept) and sends the K/V gradients round the ring with their blocks; the last hop brings each
 home. It is exact: it computes the gradient of the same function, not an approximation.
 
+Packed rows (several documents per row, `doc_ids`) make it the varlen ring: each block's mask is
+also "same document", from the doc ids of its queries and of its keys. Doc ids are a few bytes
+per token, so each rank gathers every rank's once per call instead of sending them round with
+each K/V block. A query whose document has no key in a block gets nothing from it (output 0,
+log-sum-exp -inf), which the merge weighs as zero; every query sees itself in the first
+(diagonal) block, so the merged log-sum-exp is always finite.
+
 Ulysses (cp_mode=ulysses). Rank i holds the i-th contiguous slice of the sequence. An all-to-all
 trades it for all of the sequence on a cp-th of the heads, plain causal attention runs locally,
 and a second all-to-all trades back. It needs the heads per rank to divide by cp; kv heads that
-do not divide are repeated up to the query heads first.
+do not divide are repeated up to the query heads first. Packed rows gather their doc ids over cp,
+so the local attention masks by document over the whole sequence.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from angelptm.distributed.collectives import Group, all_to_all_region, ring_shift
+from angelptm.distributed.collectives import Group, all_gather, all_to_all_region, ring_shift
+from angelptm.models.llama import visible_keys
 
 _KV_TAG, _GRAD_TAG = 0, 1  # the two ring shifts that are in flight together in the backward pass
 
@@ -62,29 +72,45 @@ def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.reshape(b, kv_heads, h // kv_heads, s, d)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
+Docs = Optional[tuple[torch.Tensor, torch.Tensor]]  # doc ids of a block's queries (B, Sq) and keys (B, Sk)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, docs: Docs) -> torch.Tensor:
     scores = torch.einsum("bhgqd,bhkd->bhgqk", q, k) / math.sqrt(q.shape[-1])
     if causal:  # only for the diagonal block, where query and key positions line up
         future = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
+    if docs is not None:
+        query_docs, key_docs = docs
+        other_document = query_docs[:, :, None] != key_docs[:, None, :]
+        scores = scores.masked_fill(other_document[:, None, None], float("-inf"))
     return scores
 
 
-def attend_block(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of q (B, H, Sq, D) over k, v (B, Hkv, Sk, D): output and log-sum-exp, fp32."""
+def _exponent_base(lse: torch.Tensor) -> torch.Tensor:
+    """`lse` with -inf (a query that sees no key) as 0, so exp(-inf - base) is 0 rather than NaN."""
+    return lse.masked_fill(lse == float("-inf"), 0.0)
+
+
+def attend_block(q, k, v, causal: bool, docs: Docs = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q (B, H, Sq, D) over k, v (B, Hkv, Sk, D): output and log-sum-exp, fp32.
+
+    `docs` (the doc ids of the queries and of the keys) also hide keys of other documents; a query
+    that sees no key at all gets output 0 and log-sum-exp -inf.
+    """
     qg = _grouped(q.float(), k.shape[1])
-    scores = _scores(qg, k.float(), causal)
+    scores = _scores(qg, k.float(), causal, docs)
     lse = scores.logsumexp(dim=-1)
-    out = torch.einsum("bhgqk,bhkd->bhgqd", (scores - lse[..., None]).exp(), v.float())
+    out = torch.einsum("bhgqk,bhkd->bhgqd", (scores - _exponent_base(lse)[..., None]).exp(), v.float())
     return out.flatten(1, 2), lse.flatten(1, 2)
 
 
-def attend_block_backward(q, k, v, grad_out, lse, delta, causal: bool):
+def attend_block_backward(q, k, v, grad_out, lse, delta, causal: bool, docs: Docs = None):
     """Gradients of one block given the final log-sum-exp `lse` and delta = rowsum(grad_out · out)."""
     kv_heads = k.shape[1]
     qg, grad_g = _grouped(q.float(), kv_heads), _grouped(grad_out, kv_heads)
     k, v = k.float(), v.float()
-    probs = (_scores(qg, k, causal) - _grouped(lse[..., None], kv_heads)).exp()
+    probs = (_scores(qg, k, causal, docs) - _grouped(lse[..., None], kv_heads)).exp()
     grad_v = torch.einsum("bhgqk,bhgqd->bhkd", probs, grad_g)
     grad_probs = torch.einsum("bhgqd,bhkd->bhgqk", grad_g, v)
     grad_scores = probs * (grad_probs - _grouped(delta[..., None], kv_heads)) / math.sqrt(q.shape[-1])
@@ -96,7 +122,8 @@ def attend_block_backward(q, k, v, grad_out, lse, delta, causal: bool):
 def _merge(out, lse, block_out, block_lse) -> None:
     """Fold a block's normalised output into the running one, in place, by their log-sum-exps."""
     new_lse = torch.logaddexp(lse, block_lse)
-    out.mul_((lse - new_lse).exp()[..., None]).add_(block_out * (block_lse - new_lse).exp()[..., None])
+    base = _exponent_base(new_lse)
+    out.mul_((lse - base).exp()[..., None]).add_(block_out * (block_lse - base).exp()[..., None])
     lse.copy_(new_lse)
 
 
@@ -118,6 +145,19 @@ def _ring_block(rank: int, step: int, cp: int, half: int) -> tuple[slice, slice,
     return slice(half, None), everything, False  # only our late chunk follows the source's block
 
 
+def _block_docs(doc_ids: Optional[torch.Tensor], every_rank_docs: Optional[torch.Tensor], source: int,
+                rows: slice, cols: slice) -> Docs:
+    """The doc ids of a block's queries (ours) and keys (those of rank `source`), if rows are packed."""
+    if doc_ids is None:
+        return None
+    return doc_ids[:, rows], every_rank_docs[source][:, cols]
+
+
+def _gather_docs(doc_ids: Optional[torch.Tensor], group: Group) -> Optional[torch.Tensor]:
+    """Every rank's doc ids, (cp, B, S/cp) in rank order; None for unpacked rows."""
+    return None if doc_ids is None else all_gather(doc_ids[None], 0, group)
+
+
 def _full_precision(fn):
     """Run a ring pass with autocast off: the blocks and their merge accumulate in float32 by design."""
     def wrapped(ctx, *args):
@@ -129,21 +169,23 @@ def _full_precision(fn):
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     @_full_precision
-    def forward(ctx, q, k, v, group):
+    def forward(ctx, q, k, v, doc_ids, group):
         cp, rank, half = group.size, group.rank, q.shape[2] // 2
+        every_rank_docs = _gather_docs(doc_ids, group)
         kv = torch.stack([k, v])
         out = lse = None
         for step in range(cp):
             pending = ring_shift(kv, group, _KV_TAG) if step + 1 < cp else None
             rows, cols, causal = _ring_block(rank, step, cp, half)
-            block_out, block_lse = attend_block(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], causal)
+            docs = _block_docs(doc_ids, every_rank_docs, (rank - step) % cp, rows, cols)
+            block_out, block_lse = attend_block(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], causal, docs)
             if out is None:
                 out, lse = block_out, block_lse
             else:
                 _merge(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
             if pending is not None:
                 kv = pending.wait()
-        ctx.group = group
+        ctx.group, ctx.doc_ids, ctx.every_rank_docs = group, doc_ids, every_rank_docs
         ctx.save_for_backward(q, k, v, out, lse)
         return out.to(q.dtype)
 
@@ -151,7 +193,7 @@ class _RingAttention(torch.autograd.Function):
     @_full_precision
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        group = ctx.group
+        group, doc_ids, every_rank_docs = ctx.group, ctx.doc_ids, ctx.every_rank_docs
         cp, rank, half = group.size, group.rank, q.shape[2] // 2
         grad_out = grad_out.float()
         delta = (grad_out * out).sum(dim=-1)
@@ -161,8 +203,10 @@ class _RingAttention(torch.autograd.Function):
         for step in range(cp):
             pending_kv = ring_shift(kv, group, _KV_TAG) if step + 1 < cp else None
             rows, cols, causal = _ring_block(rank, step, cp, half)
+            docs = _block_docs(doc_ids, every_rank_docs, (rank - step) % cp, rows, cols)
             gq, gk, gv = attend_block_backward(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols],
-                                               grad_out[:, :, rows], lse[:, :, rows], delta[:, :, rows], causal)
+                                               grad_out[:, :, rows], lse[:, :, rows], delta[:, :, rows], causal,
+                                               docs)
             grad_q[:, :, rows] += gq
             grad_kv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             grad_kv[0][:, :, cols] += gk
@@ -173,12 +217,14 @@ class _RingAttention(torch.autograd.Function):
             if pending_kv is not None:
                 kv = pending_kv.wait()
         grad_k, grad_v = travelling_grad.wait()
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Group) -> torch.Tensor:
-    """Causal attention for this rank's two chunks of q (B, H, S/cp, D) over every rank's K/V."""
-    return _RingAttention.apply(q, k, v, group)
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Group,
+                   doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention for this rank's two chunks of q (B, H, S/cp, D) over every rank's K/V;
+    with `doc_ids` (B, S/cp) of the same tokens, only within each query's document."""
+    return _RingAttention.apply(q, k, v, doc_ids, group)
 
 
 class RingAttention(nn.Module):
@@ -188,8 +234,9 @@ class RingAttention(nn.Module):
         super().__init__()
         self.group = group
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return ring_attention(q, k, v, self.group)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return ring_attention(q, k, v, self.group, doc_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,13 +250,19 @@ class UlyssesAttention(nn.Module):
         super().__init__()
         self.group = group
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         cp = self.group.size
         if k.shape[1] % cp:  # too few kv heads to split: give every query head its own copy
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         q, k, v = (all_to_all_region(t, 1, 2, self.group) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        grouped = q.shape[1] != k.shape[1]
+        if doc_ids is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+        else:  # the whole sequence's doc ids, in order: the ranks hold contiguous slices
+            visible = visible_keys(q.shape[2], None, all_gather(doc_ids, 1, self.group), q.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=grouped)
         return all_to_all_region(out, 2, 1, self.group)
 
 

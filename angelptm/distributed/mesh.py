@@ -1,10 +1,17 @@
-"""The process-group grid: `ParallelDims(dp, pp, cp, tp)` -> a DeviceMesh ("pp", "dp", "cp", "tp").
+"""The process-group grid: `ParallelDims(dp, pp, cp, tp, ep)` -> a DeviceMesh ("pp", "dp", "cp", "tp")
+and its expert view (ep is carved from dp × cp, so it adds no processes).
 
 tp is innermost so that tensor-parallel peers sit on neighbouring ranks (one node, fastest links);
 pp is outermost because its point-to-point traffic is the lightest. A single process is the
 smallest mesh: it still gets a (gloo) process group of one, so every code path is the same.
 The mesh also carries "dp_cp", dp and cp flattened: both split the tokens of a step, so gradients
 are averaged over the two at once.
+
+The expert view (`expert_view`) carves expert parallelism from those dp × cp data ranks: data
+rank d (its rank in "dp_cp") is rank d % ep of an "ep" group, whose ranks hold different experts
+and exchange tokens, and rank d // ep of an "edp" group (expert data parallelism, dp·cp / ep
+ranks), whose ranks hold the same experts and shard and reduce them as dp × cp does the dense
+weights. ep 1 gives an ep group of one and edp = dp_cp.
 
 `validate_layout` holds every rule a layout must meet for the model and sequence length; it
 reads only the config, so every rank raises the same `ConfigError` before any collective.
@@ -18,6 +25,7 @@ import signal
 import socket
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -27,6 +35,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from angelptm.config import Config, ParallelConfig
+from angelptm.distributed.collectives import Group, group_of
 from angelptm.errors import ConfigError
 
 MESH_DIMS = ("pp", "dp", "cp", "tp")
@@ -39,6 +48,7 @@ class ParallelDims:
     pp: int = 1
     cp: int = 1
     tp: int = 1
+    ep: int = 1  # carved from dp × cp: not a factor of the world size
 
     @property
     def world_size(self) -> int:
@@ -58,7 +68,7 @@ class ParallelDims:
             dp = world_size // fixed
         else:
             dp = parallel.dp
-        dims = cls(dp=dp, pp=parallel.pp, cp=parallel.cp, tp=parallel.tp)
+        dims = cls(dp=dp, pp=parallel.pp, cp=parallel.cp, tp=parallel.tp, ep=parallel.ep)
         if dims.world_size != world_size:
             raise ConfigError(
                 f"parallel degrees dp × pp × cp × tp = {dp} × {parallel.pp} × {parallel.cp} × "
@@ -73,9 +83,18 @@ def _rule(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_expert_degree(dims: ParallelDims) -> None:
+    _rule(
+        (dims.dp * dims.cp) % dims.ep == 0,
+        f"parallel.ep={dims.ep} does not divide dp·cp = {dims.dp}·{dims.cp} = {dims.dp * dims.cp} (expert-parallel "
+        "ranks are carved from the data ranks); pick ep dividing dp·cp",
+    )
+
+
 def validate_layout(dims: ParallelDims, cfg: Config) -> None:
     """Raise ConfigError, naming the degree and the rule, if `dims` cannot run `cfg`'s model."""
     m, tp, cp, seq = cfg.model, dims.tp, dims.cp, cfg.train.seq_len
+    _check_expert_degree(dims)
     _rule(
         m.n_heads % tp == 0,
         f"parallel.tp={tp} does not divide model.n_heads={m.n_heads}; tensor parallelism splits "
@@ -220,14 +239,57 @@ def init(dims: Optional[ParallelDims] = None, backend: str = "auto", timeout_s: 
             f"parallel degrees dp × pp × cp × tp = {dims.world_size} do not match the world size "
             f"{world_size}; launch that many processes or change the degrees"
         )
+    _check_expert_degree(dims)
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device_type, (dims.pp, dims.dp, dims.cp, dims.tp), mesh_dim_names=MESH_DIMS)
     mesh["dp", "cp"]._flatten(DATA_DIMS)
+    if dims.ep > 1:
+        _add_expert_view(mesh, dims.ep)
     return mesh
 
 
+@dataclass(frozen=True)
+class ExpertView:
+    """This rank's expert-parallel groups: "ep" (ranks holding different experts, which exchange
+    tokens) and "edp" (ranks holding the same experts, over which those are sharded and reduced)."""
+
+    ep: Group
+    edp: Group
+
+
+_EXPERT_VIEWS: dict[int, ExpertView] = {}  # by id of the mesh; an entry dies with its mesh
+
+
+def _add_expert_view(mesh: DeviceMesh, ep: int) -> None:
+    """Create the ep and edp groups of every (pp, tp) coordinate and keep this rank's.
+
+    `new_group` is collective over the world, so every rank creates every group, in one order."""
+    pp, dp, cp, tp = mesh.mesh.shape
+    data_ranks = mesh.mesh.permute(0, 3, 1, 2).reshape(pp * tp, dp * cp // ep, ep)  # [.., d // ep, d % ep]
+    me = dist.get_rank()
+    mine = {}
+    for grid in data_ranks:
+        for name, lines in (("ep", grid), ("edp", grid.T)):
+            for line in lines:
+                ranks = line.tolist()
+                pg = dist.new_group(ranks)
+                if me in ranks:
+                    mine[name] = Group(name, pg, dist.get_rank(pg), len(ranks))
+    _EXPERT_VIEWS[id(mesh)] = ExpertView(mine["ep"], mine["edp"])
+    weakref.finalize(mesh, _EXPERT_VIEWS.pop, id(mesh), None)
+
+
+def expert_view(mesh: DeviceMesh) -> ExpertView:
+    """The ep and edp groups of this rank (ep of one and edp = dp_cp where `init` made no expert view)."""
+    view = _EXPERT_VIEWS.get(id(mesh))
+    if view is not None:
+        return view
+    data = group_of(mesh, DATA_DIMS)
+    return ExpertView(Group("ep", None, 0, 1), Group("edp", data.pg, data.rank, data.size))
+
+
 def dims_of(mesh: DeviceMesh) -> ParallelDims:
-    return ParallelDims(**{name: mesh[name].size() for name in MESH_DIMS})
+    return ParallelDims(**{name: mesh[name].size() for name in MESH_DIMS}, ep=expert_view(mesh).ep.size)
 
 
 def device_of(mesh: DeviceMesh) -> torch.device:

@@ -1,6 +1,6 @@
-"""Turn a plain model into the one this rank runs: context and tensor parallelism, FP8, activation
-checkpointing, compilation, then materialisation; and the layout-aware gradient clipping the
-trainer uses.
+"""Turn a plain model into the one this rank runs: context, tensor and expert parallelism, FP8,
+activation checkpointing, compilation, then materialisation; and layout-aware gradient clipping
+for a loop without ZeROCache.
 
 The model file knows nothing of parallelism; everything layout-specific is applied here from the
 outside, as torchtitan does. `parallelize` works on a meta-device model, so no rank ever holds
@@ -23,13 +23,16 @@ from angelptm.distributed.context_parallel import (
     apply_context_parallel,
     local_positions,
 )
-from angelptm.distributed.mesh import DATA_DIMS, dims_of, validate_layout
+from angelptm.distributed.expert_parallel import apply_expert_parallel, expert_parallel_modules
+from angelptm.distributed.mesh import DATA_DIMS, dims_of, expert_view, validate_layout
 from angelptm.distributed.tensor_parallel import (
     apply_tensor_parallel,
     local_grad_norm_squared,
+    squared_l2_norm,
 )
 from angelptm.fp8 import AmaxGroups, DelayedScale, convert_to_float8
-from angelptm.models.llama import initial_value
+from angelptm.finetune import lora as lora_adapters
+from angelptm.models.moe import Router
 
 
 def _checkpoint_forward(module: nn.Module) -> None:
@@ -116,8 +119,13 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
         apply_context_parallel(model, cp, p.cp_mode)
     if tp.size > 1:
         apply_tensor_parallel(model, tp, sequence_parallel)
+    experts = expert_view(mesh)
+    if experts.ep.size > 1:
+        apply_expert_parallel(model, experts.ep, experts.edp)
     if cfg.precision.fp8.enabled:
         apply_float8(model, cfg.precision.fp8, tp, group_of(mesh, DATA_DIMS))
+    if cfg.finetune.lora.rank > 0:  # after TP and FP8: adapters hook onto the projections as they end up
+        lora_adapters.apply_lora(model, cfg.finetune.lora, tp.size)
     if cp.size > 1 or sequence_parallel:
         hidden_seq_shards = tp.size if sequence_parallel else 1
         model.register_forward_pre_hook(_local_positions_hook(cp, p.cp_mode, hidden_seq_shards), with_kwargs=True)
@@ -125,6 +133,16 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
     if cfg.train.compile:
         apply_compile(model)
     return model
+
+
+def reset_buffers(model: nn.Module) -> None:
+    """Give the buffers `to_empty` allocated but left unset the values a new model starts with:
+    FP8 scaling state, MoE routing biases (zero). A checkpoint's stored buffers are loaded over them."""
+    for module in model.modules():
+        if isinstance(module, DelayedScale):
+            module.reset()
+        elif isinstance(module, Router):
+            module.reset_bias()
 
 
 @torch.no_grad()
@@ -136,13 +154,11 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
     """
     model.to_empty(device=device)
     model.tie_weights()
-    for module in model.modules():
-        if isinstance(module, DelayedScale):  # FP8 scaling state: allocated by to_empty, never set
-            module.reset()
+    reset_buffers(model)
     specs = getattr(model, "shard_specs", {})
     for name, param in model.named_parameters():
         spec = specs.get(name)
-        full = initial_value(name, spec.full_shape if spec else tuple(param.shape), model.cfg, seed)
+        full = lora_adapters.initial_value(name, spec.full_shape if spec else tuple(param.shape), model.cfg, seed)
         param.copy_(spec.local_value(full, param.shape) if spec else full)
     return model
 
@@ -152,11 +168,17 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: DeviceMesh) -> floa
     """Scale the gradients so their global norm, over every shard of the model, is at most `max_norm`.
 
     Run after the gradients are synchronised: each rank adds the squares of what it holds (a slice
-    held by c tp ranks counts 1/c), then the sum runs over tp and over pp (stages hold different
-    layers). Returns the norm before clipping, as torch's `clip_grad_norm_` does, and leaves the
-    gradients alone when it is not finite (the step is skipped).
+    held by c tp ranks counts 1/c, the experts of the other ep ranks added), then the sum runs
+    over tp and over pp (stages hold different layers). Returns the norm before clipping, as
+    torch's `clip_grad_norm_` does, and leaves the gradients alone when it is not finite (the
+    step is skipped).
     """
     squared = local_grad_norm_squared(model, mesh["tp"].size())
+    # ep ranks hold different experts: their squares add up over ep (edp ranks hold the same ones).
+    expert_grads = [p.grad for m in expert_parallel_modules(model) for p in m.parameters() if p.grad is not None]
+    if expert_grads:
+        own_experts = squared_l2_norm(expert_grads)
+        squared += all_reduce(own_experts.clone(), expert_view(mesh).ep) - own_experts
     for dim in ("tp", "pp"):
         all_reduce(squared, group_of(mesh, dim))
     total = math.sqrt(squared.item())

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from angelptm.config import Config, ModelConfig, TrainConfig, config_from_dict
 from angelptm.data.tokenizers import TOKENIZER_JSON, load_tokenizer, tokenizer_files
 from angelptm.errors import UserError
+from angelptm.finetune.lora import load_merged_model, read_adapters, write_peft_adapter
 from angelptm.models.hf_families import (
     attention_name_pairs,
     family_for,
@@ -44,7 +45,7 @@ from angelptm.train.checkpoint import (
     OWN_TOKENIZER,
     fsync_tree,
     checkpoint_config,
-    load_model,
+    resolve_checkpoint,
     save_model_checkpoint,
 )
 
@@ -347,25 +348,31 @@ def _write_weights(folder: Path, hf_state: dict[str, torch.Tensor], max_shard_by
 
 
 def export_hf(
-    ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    adapter: bool = False,
 ) -> Path:
     """Write an angelptm checkpoint (model-only or a trainer's step_<N>) as a Hugging Face folder of the
     family that computes what the model computes (`hf_families.family_for`: Qwen3 for q/k norm before RoPE, ...).
 
     The files of the checkpoint's `data.tokenizer` go beside the weights (none for bytes), so
     `AutoTokenizer.from_pretrained(out_dir)` loads too. Weights keep the dtype the checkpoint stores them in. Above `max_shard_bytes` they are split
-    into numbered shards with an index, as save_pretrained does. Returns `out_dir`.
+    into numbered shards with an index, as save_pretrained does. LoRA adapters (`finetune.lora`) are
+    merged into their base weights; with `adapter`, the folder holds them alone, as PEFT saves them
+    (`angelptm.finetune.lora`). Returns `out_dir`.
     """
-    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    if not ckpt_dir.is_dir():
-        raise UserError(f"checkpoint {ckpt_dir} does not exist; pass a checkpoint folder (e.g. .../checkpoints/step_<N>)")
+    ckpt_dir, out_dir = resolve_checkpoint(Path(ckpt_dir)), Path(out_dir)  # a run's output_dir: its newest
     _check_new_folder(out_dir)
-    arch = checkpoint_config(ckpt_dir).model.arch
-    if arch != "llama":
-        raise UserError(f"checkpoint {ckpt_dir} holds a model.arch={arch} model; only llama models export to Hugging Face")
-    cfg, model = load_model(ckpt_dir, "cpu")
+    saved = checkpoint_config(ckpt_dir).model
+    if saved.arch != "llama":
+        raise UserError(f"checkpoint {ckpt_dir} holds a model.arch={saved.arch} model; only llama models export to Hugging Face")
+    if saved.moe.n_experts:
+        raise UserError(f"checkpoint {ckpt_dir} holds an MoE model (model.moe.n_experts={saved.moe.n_experts}); export of "
+                        "MoE models to Hugging Face is not available yet, only dense ones export")
+    cfg, model = load_merged_model(ckpt_dir, "cpu")
     tokenizer = load_tokenizer(cfg.data.tokenizer, f"{ckpt_dir}'s data.tokenizer")
     dtypes = _stored_dtypes(ckpt_dir)
+    if cfg.model.tie_embeddings:  # the head is the embedding, stored once under the embedding's name
+        dtypes[_OUR_HEAD] = dtypes[_OUR_EMBEDDING]
     our_state = {name: t.detach().to(dtypes[name]).contiguous() for name, t in model.state_dict().items()}
     hf_config = hf_config_from(cfg.model, our_state[_OUR_EMBEDDING].dtype)
     hf_state = state_to_hf(our_state, cfg.model)
@@ -373,8 +380,12 @@ def export_hf(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
-        _write_weights(tmp, hf_state, max_shard_bytes)
+        if adapter:
+            hf_names = {ours: hf for hf, ours in _name_pairs(cfg.model)}
+            write_peft_adapter(tmp, read_adapters(ckpt_dir), cfg.finetune.lora, hf_names, ckpt_dir)
+        else:
+            (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
+            _write_weights(tmp, hf_state, max_shard_bytes)
         for name, data in tokenizer_files(tokenizer).items():  # none for the byte tokenizer
             (tmp / name).write_bytes(data)
         fsync_tree(tmp)

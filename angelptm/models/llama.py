@@ -47,19 +47,38 @@ class CoreAttention(nn.Module):
 
     With a sliding window each position sees itself and the `window - 1` positions before it, as
     Mistral's attention does; a sequence no longer than the window is plain causal attention.
+    With `doc_ids` (packed rows) a query also sees only keys of its own document. Without either,
+    the causal kernel runs with no mask at all.
     """
 
     def __init__(self, window: Optional[int] = None):
         super().__init__()
         self.window = window
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        seq = q.shape[2]
-        if self.window is None or seq <= self.window:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-        distance = torch.arange(seq, device=q.device)[:, None] - torch.arange(seq, device=q.device)[None, :]
-        visible = (distance >= 0) & (distance < self.window)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=q.shape[1] != k.shape[1])
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        seq, grouped = q.shape[2], q.shape[1] != k.shape[1]
+        if doc_ids is None and (self.window is None or seq <= self.window):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+        visible = visible_keys(seq, self.window, doc_ids, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=grouped)
+
+
+def visible_keys(seq: int, window: Optional[int], doc_ids: Optional[torch.Tensor],
+                 device: torch.device) -> torch.Tensor:
+    """Which keys each query may attend to: earlier or the same position, within the sliding window,
+    and (with `doc_ids` (batch, seq)) in the query's own document.
+
+    Shape (seq, seq), or (batch, 1, seq, seq) with doc_ids, to broadcast over the heads. Every query
+    sees at least itself, so no softmax row is empty.
+    """
+    distance = torch.arange(seq, device=device)[:, None] - torch.arange(seq, device=device)[None, :]
+    visible = distance >= 0
+    if window is not None:
+        visible = visible & (distance < window)
+    if doc_ids is None:
+        return visible
+    return (visible & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
 
 
 class Attention(nn.Module):
@@ -76,7 +95,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
         self.core = CoreAttention(cfg.sliding_window)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         # Head counts come from the projections' widths, so tensor-parallel shards just work.
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
@@ -87,7 +107,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.qk_norm == "after_rope":
             q, k = self.q_norm(q), self.k_norm(k)
-        out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), doc_ids)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -124,8 +144,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = build_moe(cfg) if moe else FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -146,26 +167,28 @@ class Llama(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """Share the embedding with the output head and start the MoE routing biases at zero; call
-        again after `to_empty`, which unties the one and leaves the other unset."""
+        """Share the embedding with the output head; call again after `to_empty`, which unties them."""
         if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
-        for module in self.modules():
-            if isinstance(module, MoE):
-                module.router.reset_bias()
 
-    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`tokens` are ids, or hidden states on a pipeline stage without embeddings.
 
-        `positions` (seq,) are the absolute positions of the local sequence; context parallelism
-        passes the positions of the chunks a rank holds. Default: 0..seq-1.
+        `positions` are the absolute positions of the local sequence, (seq,) shared by every row or
+        (batch, seq) per row; context parallelism passes the positions of the chunks a rank holds,
+        packed rows positions that restart at 0 where each document starts. Default: 0..seq-1.
+        `doc_ids` (batch, seq), non-decreasing along a row, keep attention inside each document;
+        None: one document per row.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
             positions = torch.arange(h.shape[1], device=h.device)
-        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, positions, self.cfg.rope_theta, self.cfg.rope_scaling)
+        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, positions.reshape(-1), self.cfg.rope_theta,
+                               self.cfg.rope_scaling)
+        cos, sin = cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, doc_ids)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

@@ -2,12 +2,17 @@
 GEMMs over the tokens sorted by expert, optional shared experts, and the routing losses.
 
 The layer is plain PyTorch and knows nothing of parallelism. Its forward is four steps, each a
-function of its own so that expert parallelism can replace the local ones with all-to-alls:
+function of its own:
 
     route     each token picks its top-k experts and their gate weights      (`Router`)
     dispatch  the token copies sorted by expert, those over capacity dropped (`sort_by_expert`)
     compute   each expert's SwiGLU over its contiguous run of rows           (`GroupedExperts`)
     combine   expert outputs weighted by their gates, summed per token       (`combine`)
+
+The compute step, the `experts` module, is the seam expert parallelism uses: it takes the sorted
+rows and the count per expert, and the shared experts' work to run meanwhile (here simply after;
+`angelptm.distributed.expert_parallel` swaps in a module that sends the rows to the ranks holding
+their experts and runs the shared experts while they travel).
 
 Each forward leaves its `RoutingStats` in `last_routing`; `MoEStepStats` collects them over a
 training step for the loss, the metrics and the auxiliary-loss-free bias update.
@@ -95,7 +100,9 @@ class GroupedExperts(nn.Module):
     nn.Linear's (out, in) layout per expert: w1, w3 (E, hidden, dim) and w2 (E, dim, hidden).
 
     The rows of the input come sorted by expert; `tokens_per_expert[e]` of them go to expert e
-    (zero is fine). Set `allow_grouped_mm` False to force the per-expert matmuls.
+    (zero is fine). `meanwhile`, if given, is other work of the layer (the shared experts) whose
+    result is returned beside the experts' output. Set `allow_grouped_mm` False to force the
+    per-expert matmuls.
     """
 
     def __init__(self, n_experts: int, dim: int, hidden: int):
@@ -105,7 +112,12 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.allow_grouped_mm = True
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
+                meanwhile: Optional[Callable[[], torch.Tensor]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.compute(x, tokens_per_expert), None if meanwhile is None else meanwhile()
+
+    def compute(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Every expert's SwiGLU over its run of the rows."""
         w1, w2, w3 = self.w1, self.w2, self.w3
         if torch.is_autocast_enabled(x.device.type):
             # Autocast does not cast for the grouped GEMM; do what it does for nn.Linear.
@@ -286,10 +298,11 @@ class MoE(nn.Module):
         capacity = None if cfg.capacity_factor is None else expert_capacity(
             cfg.capacity_factor, tokens.shape[0], cfg.top_k, cfg.n_experts)
         slots, kept, routed = sort_by_expert(routing.experts, cfg.n_experts, capacity)
-        expert_out = self.experts(gather_tokens(tokens, slots, cfg.top_k), kept)
+        shared = None if self.shared_experts is None else functools.partial(self.shared_experts, tokens)
+        expert_out, shared_out = self.experts(gather_tokens(tokens, slots, cfg.top_k), kept, shared)
         out = combine(expert_out, slots, routing.gates)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(tokens)
+        if shared_out is not None:
+            out = out + shared_out
         self.last_routing = RoutingStats(self._aux_loss(routing, routed), routed, routed.sum() - kept.sum())
         return out.view_as(x)
 

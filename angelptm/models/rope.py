@@ -51,8 +51,9 @@ def rope_tables(head_dim: int, positions: torch.Tensor, theta: float,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x of shape (batch, seq, heads, head_dim) by the tables of shape (seq, head_dim)."""
+    """Rotate x of shape (batch, seq, heads, head_dim) by the tables of shape (seq, head_dim), or
+    (batch, seq, head_dim) where each row has positions of its own (packed documents)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    cos, sin = cos[..., None, :], sin[..., None, :]
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)

@@ -403,7 +403,9 @@ def save_model_checkpoint(folder: Path, cfg: Config, model_state: dict[str, torc
 
 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[Config, torch.nn.Module]:
-    """Build the plain model a checkpoint (or a run's newest) describes and load its full weights."""
+    """Build the plain model a checkpoint (or a run's newest) describes and load its full weights
+    and the buffers it stores (MoE routing biases; the others keep their initial values)."""
+    from angelptm.distributed.parallelize import reset_buffers
     from angelptm.models.llama import build_llama
 
     folder = resolve_checkpoint(folder)
@@ -412,6 +414,12 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[Config
     model = build_llama(cfg.model, "meta")
     model.to_empty(device=device)
     model.tie_weights()
+    reset_buffers(model)
     # Parameters by their first name (a tied head shares the embedding's), filled in place.
-    load_state(folder, {"model": {name: p.detach() for name, p in model.named_parameters()}})
+    state: dict[str, Any] = {"model": {name: p.detach() for name, p in model.named_parameters()}}
+    stored = stored_keys(folder)
+    buffers = {name: b for name, b in model.named_buffers() if f"buffers.{name}" in stored}
+    if buffers:
+        state["buffers"] = buffers
+    load_state(folder, state)
     return cfg, model

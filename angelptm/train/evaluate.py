@@ -3,6 +3,8 @@
 Batch i of every pass is the validation sampler's step i, so each pass reads the same sequences and
 a layout reads them as it reads a training step (its dp/cp slice of each microbatch). The loss is
 the training loss path run forwards only (`PipelineRunner.evaluate`, also for pp = 1), in eval mode.
+Like the training loss it is the mean over loss tokens: each batch's token mean, weighted by the
+batch's count of loss tokens, so a masked or packed validation set weighs every token alike.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ class Validation:
         for stage in stages:
             stage.eval()
         try:
-            losses = [trainer.mean_over_data(trainer.runner.evaluate(*trainer.microbatches(trainer.host_rows(self.sampler, i))))
-                      for i in range(self.batches)]
+            loss_sum = tokens = 0.0
+            for i in range(self.batches):
+                loss, count = trainer.batch_loss(trainer.host_rows(self.sampler, i), trainer.runner.evaluate)
+                loss_sum += loss * count
+                tokens += count
         finally:
             for stage in stages:
                 stage.train()
-        loss = sum(losses) / len(losses)
+        loss = loss_sum / max(tokens, 1)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}  # exp overflows past ~709

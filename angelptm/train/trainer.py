@@ -23,18 +23,21 @@ from angelptm import distributed
 from angelptm.config import Config, save_config
 from angelptm.data import build_datasets, build_sampler
 from angelptm.data.prefetch import Prefetcher
+from angelptm.data.rows import Rows
 from angelptm.distributed.collectives import all_reduce, comm_bytes, group_of, reset_comm_bytes
 from angelptm.distributed.context_parallel import shard_sequence
 from angelptm.distributed.mesh import DATA_DIMS, ParallelDims, device_of, validate_layout, world_from_env
 from angelptm.distributed.pipeline import PipelineRunner, build_schedule, merge_stages, split_model, stage_layer_ranges
-from angelptm.distributed.tensor_parallel import vocab_parallel_cross_entropy, vocab_slice
+from angelptm.distributed.tensor_parallel import vocab_slice
 from angelptm.errors import ConfigError, UserError
+from angelptm.finetune import lora
 from angelptm.fp8 import update_float8_scales
 from angelptm.models.llama import build_llama, flops_per_token
 from angelptm.models.moe import MoEStepStats
 from angelptm.train import checkpoint as ckpt
 from angelptm.train.faults import OutputLock, Preemption, SkipCounter, TrainingStopped
 from angelptm.train.loggers import build_loggers
+from angelptm.train.loss import TokenMeanLoss
 from angelptm.train.evaluate import Validation
 from angelptm.train.metrics import MetricsLogger, peak_flops
 from angelptm.train.preflight import check_run
@@ -81,10 +84,12 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
 
         train_data, valid_data = self._build_datasets()
-        self.sampler = build_sampler(train_data, t.seq_len, t.global_batch, cfg.data.seed)
+        self.sampler = build_sampler(train_data, t.seq_len, t.global_batch, cfg.data.seed, cfg.data)
+        warnings += [note for note in [self.sampler.note()] if note]  # SFT samples truncated or dropped
         self.batches = Prefetcher(functools.partial(self.host_rows, self.sampler))
         self.validation = None if valid_data is None or not t.eval_every else Validation(
-            build_sampler(valid_data, t.seq_len, t.global_batch, cfg.data.seed), t.eval_every, t.eval_batches)
+            build_sampler(valid_data, t.seq_len, t.global_batch, cfg.data.seed, cfg.data), t.eval_every,
+            t.eval_batches)
 
         # The output folder is this run's alone from here on; a failure before training begins
         # takes back what the lock created, so bad input leaves nothing behind.
@@ -127,6 +132,7 @@ class Trainer:
         )
         hidden_seq_shards = self.cp.size * (self.tp.size if p.sequence_parallel else 1)
         head = stages[-1]
+        self.token_loss = TokenMeanLoss(self.data_group)
         self.runner = PipelineRunner(
             stages, schedule[self.pp.rank], self.pp,
             lambda logits, targets: self._loss(logits, targets, vocab_slice(head)),
@@ -246,11 +252,12 @@ class Trainer:
         training_checkpoint = ckpt.has_optimizer_state(record) and not weights_only
         if not training_checkpoint:
             del state["optim"]  # weights only (e.g. imported): the moments start at zero
+        stored = ckpt.stored_keys(folder)
         # Buffers of features the saving run had (FP8 scaling state, MoE routing biases); none for weights only.
-        stored = set() if weights_only else ckpt.stored_keys(folder)
-        state["buffers"] = {k: v for k, v in state["buffers"].items() if f"buffers.{k}" in stored}
+        state["buffers"] = {k: v for k, v in state["buffers"].items() if not weights_only and f"buffers.{k}" in stored}
+        fresh = lora.fresh_adapters(state["model"], stored)  # a base model's: the adapters keep their initial values
         ckpt.load_state(folder, state)
-        self.optimizer.load_state_dict(state)
+        self.optimizer.load_state_dict({**state, "model": {**state["model"], **fresh}})
         self.model.load_state_dict(state["buffers"], strict=False)
         if not training_checkpoint:
             return 0
@@ -311,13 +318,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         reset_comm_bytes()
-        inputs, targets = self.microbatches(self.batches.get(self.step))  # loaded while the last step ran
         # Forward and backward of every microbatch, in the order the pipeline schedule says; the
-        # gradients (the mean over the microbatches) are reduced over dp × cp once, at the end.
+        # gradients (of the mean over the batch's loss tokens) are reduced over dp × cp once, at the end.
         with self.optimizer.no_sync():
-            loss = self.runner.step(inputs, targets)
+            loss, _ = self.batch_loss(self.batches.get(self.step), self.runner.step)  # loaded while the last step ran
         self.optimizer.reduce_gradients()
-        loss = self.mean_over_data(loss)
         clip = self.cfg.optim.grad_clip
         grad_norm = float(self.optimizer.clip_grad_norm_(clip if clip else float("inf")))  # inf: measure only
         skipped = not (math.isfinite(grad_norm) and math.isfinite(loss))
@@ -331,34 +336,43 @@ class Trainer:
         return {**stats, "comm_bytes": self._comm_bytes(), "data_wait_s": self.batches.wait_s}
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor, vocab: tuple[int, int]) -> torch.Tensor:
-        """A microbatch's mean cross-entropy; in training, plus the MoE layers' auxiliary losses, added
-        as a term of value zero: backward trains the router on them while the loss reported stays
-        the language model's, comparable with dense runs and val_loss (moe_aux_loss is logged apart)."""
-        loss = vocab_parallel_cross_entropy(logits, targets, self.tp, *vocab).mean()
+        """A microbatch's share of the batch's token-mean cross-entropy (`TokenMeanLoss`); in training,
+        plus the MoE layers' auxiliary losses, added as a term of value zero: backward trains the
+        router on them while the loss reported stays the language model's, comparable with dense
+        runs and val_loss (moe_aux_loss is logged apart)."""
+        loss = self.token_loss.loss(logits, targets, self.tp, vocab)
         if self.moe_stats.layers and torch.is_grad_enabled():
             aux_loss = self.moe_stats.add_microbatch()
             loss = loss + (aux_loss - aux_loss.detach())
         return loss
 
-    def host_rows(self, sampler, step: int) -> list[torch.Tensor]:
-        """This rank's rows of `step`'s global batch on the host, one tensor per microbatch (pinned
+    def host_rows(self, sampler, step: int) -> list[Rows]:
+        """This rank's rows of `step`'s global batch on the host, one `Rows` per microbatch (pinned
         for an asynchronous copy when training on a GPU)."""
         t = self.cfg.train
-        rows = [sampler.rows(step, (self.dp_rank * self.accum_steps + micro) * t.micro_batch, t.micro_batch)
+        rows = [sampler.microbatch(step, (self.dp_rank * self.accum_steps + micro) * t.micro_batch, t.micro_batch)
                 for micro in range(self.accum_steps)]
-        return [r.pin_memory() for r in rows] if self.device.type == "cuda" else rows
+        return [r.map(torch.Tensor.pin_memory) for r in rows] if self.device.type == "cuda" else rows
 
-    def microbatches(self, rows: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(inputs, targets) on this rank's device, one pair per microbatch of `host_rows`."""
-        inputs, targets = [], []
-        for micro in rows:
-            micro = micro.to(self.device, non_blocking=True)
-            inputs.append(shard_sequence(micro[:, :-1], self.cp, self.cfg.parallel.cp_mode))
-            targets.append(shard_sequence(micro[:, 1:], self.cp, self.cfg.parallel.cp_mode))
-        return inputs, targets
+    def microbatches(self, rows: list[Rows]) -> list[Rows]:
+        """The microbatches of `host_rows` on this rank's device, every field cut to this cp rank's
+        tokens (load-balanced chunks for the ring, a contiguous slice for Ulysses)."""
+        mode = self.cfg.parallel.cp_mode
+        return [micro.map(lambda x: shard_sequence(x.to(self.device, non_blocking=True), self.cp, mode))
+                for micro in rows]
+
+    def batch_loss(self, rows: list[Rows], run: Callable[..., float]) -> tuple[float, int]:
+        """Run this rank's microbatches `rows` (from `host_rows`) through `run`, the runner's `step` or
+        `evaluate`: the whole batch's loss (the mean over its loss tokens) on every rank, and their count."""
+        micro = self.microbatches(rows)
+        count = self.token_loss.count(micro)
+        loss = run([m.inputs for m in micro], [m.targets for m in micro],
+                   [{"positions": m.positions, "doc_ids": m.doc_ids} for m in micro])
+        return self.mean_over_data(loss), count
 
     def mean_over_data(self, loss: float) -> float:
-        """Each dp/cp rank saw its own tokens: average, so every rank reports the loss of the whole batch."""
+        """Each dp/cp rank ran its own tokens, its loss scaled by `TokenMeanLoss`: the average over
+        them is the loss of the whole batch, which every rank then reports."""
         return all_reduce(torch.tensor(loss, device=self.device), self.data_group).item() / self.data_group.size
 
     def _comm_bytes(self) -> dict[str, int]:

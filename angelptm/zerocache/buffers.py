@@ -4,7 +4,8 @@ Names used throughout ZeROCache:
 - `full`: the whole page of parameters on the device; every parameter of the page is a view
   into it. Under stage 3 its storage is released (resized to zero bytes) between uses.
 - the *own range*: the elements this rank updates: the whole page at stage 0, the rank's
-  1/dp shard from stage 1 on.
+  shard from stage 1 on (1/dp, or 1/edp for the expert pages).
+- `comm`: the page collectives of the group the page is sharded over (dp × cp, or edp).
 - `param_shard` (stage 3): the own range of the parameters, on the device or the host; it is
   the only copy of the parameters between uses.
 - `grad_full`: the bucket where backward accumulates this rank's local gradients for the page.
@@ -22,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from angelptm.zerocache.comm import Handle
+from angelptm.zerocache.comm import Handle, PageComm
 from angelptm.zerocache.pages import Page, Slot
 
 
@@ -63,6 +64,7 @@ class PageBuffers:
     param_tier: str  # "device" or "host": where the own range of the parameters lives
     state_tier: str  # "device", "host" or "nvme": where the slab lives
     full: torch.Tensor
+    comm: PageComm
     param_shard: Optional[torch.Tensor] = None
     grad_full: Optional[torch.Tensor] = None
     grad_shard: Optional[torch.Tensor] = None

@@ -8,9 +8,9 @@ unpadded tensor under tensor parallelism), over the range of it this rank owns (
 stage 0 the whole page). What several ranks hold alike (stage 0's pages across dp, norms and
 shared kv heads across tp) DCP writes once. Nothing of the layout (dp or tp degree, stage, page
 size, tier) appears in the keys, so a checkpoint loads into any other layout, and its "model"
-part into a plain model (export, or the model-only checkpoints of import-hf). Loading a state
-without "optim" loads the weights alone and starts the moments from zero, as a fresh optimizer
-would; its values may also be global tensors (a plain model's state_dict).
+part into a plain model (export, or the model-only checkpoints of import-hf). Frozen parameters
+(a LoRA base) are in "model" alone: they have no optimizer state. Loading a state without "optim" loads the weights alone and starts the moments from zero, as a
+fresh optimizer would; its values may also be global tensors (a plain model's state_dict).
 
 Device- and host-tier state is read and written in place. NVMe-tier state is staged through
 host memory for the duration of a save or load.
@@ -43,6 +43,9 @@ def build_state_dict(opt: "ZeROCacheOptimizer") -> dict:
     exp_avg: dict = {}
     exp_avg_sq: dict = {}
     for b in opt._buffers:
+        if b.page.frozen:  # parameters alone
+            model.update(_shards(opt, b, b.param_own()))
+            continue
         # NVMe state: a host copy that lives as long as the state dict does.
         slab = opt._offload.read_slab(b) if b.state_tier == "nvme" else b.slab
         for target, own in zip((model, exp_avg, exp_avg_sq), b.state_views(slab)):
@@ -69,6 +72,9 @@ def load_state_dict(opt: "ZeROCacheOptimizer", state: dict) -> None:
         raise UserError("the state has no 'model' section; load a checkpoint with model weights")
     optim = state.get("optim")
     for b in opt._buffers:
+        if b.page.frozen:
+            _fill(dict(_shards(opt, b, b.param_own())), state["model"], "model")
+            continue
         slab = opt._offload.new_slab(b).zero_() if b.state_tier == "nvme" else b.slab
         master, exp_avg, exp_avg_sq = b.state_views(slab)
         _fill(dict(_shards(opt, b, master)), state["model"], "model")

@@ -25,7 +25,6 @@ gathered for training; `gathered_parameters()` still gathers their full precisio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -13,7 +13,10 @@ Hooks on every unit (transformer block, embeddings, norm, head) do the rest:
   when backward reaches its first unit, or when the parameters are about to change
   (`drop_holds`); forward under no_grad, and recomputation inside backward, hold nothing;
 - after the unit's last parameter gradient has been accumulated (told by the GradReducer), or
-  when backward ends, release them again.
+  when backward ends, release them again. A unit with frozen parameters (a LoRA base) is released
+  when backward reaches an earlier unit instead: its last gradient may arrive before backward
+  has finished multiplying by its frozen weights, while the gradient reaching the earlier unit's
+  output means the whole unit is done.
 
 A page is reference-counted by the units using it (a tied embedding is used by two), so it is
 freed only when no running unit needs it.
@@ -33,19 +36,18 @@ from torch.autograd import Variable
 from torch.utils._pytree import tree_flatten
 
 from angelptm.zerocache.buffers import PageBuffers
-from angelptm.zerocache.comm import Handle, PageComm
+from angelptm.zerocache.comm import Handle
 from angelptm.zerocache.fp8_gather import Float8Gather
 from angelptm.zerocache.pages import Unit
 from angelptm.zerocache.tiers import Allocator
 
 
 class ParamGatherer:
-    def __init__(self, units: list[Unit], buffers: list[PageBuffers], comm: PageComm,
-                 alloc: Allocator, prefetch_pages: int, fp8: Optional[Float8Gather] = None):
+    def __init__(self, units: list[Unit], buffers: list[PageBuffers], alloc: Allocator, prefetch_pages: int,
+                 fp8: Optional[Float8Gather] = None):
         self.units = units
         self.fp8 = fp8
         self.buffers = buffers
-        self.comm = comm
         self.alloc = alloc
         self.prefetch_pages = prefetch_pages
         self._users = [0] * len(buffers)  # running units holding each page
@@ -59,6 +61,7 @@ class ParamGatherer:
         self._kept_for_backward = self._first_backward_pages()
         self._holds: dict[int, int] = {}  # page -> forwards holding it until their backward
         self._grads_left = [0] * len(units)
+        self._with_frozen = {i for i, unit in enumerate(units) if any(not p.requires_grad for p in unit.params)}
         self._callback_queued = False
         self._hooks = []
         for i, unit in enumerate(units):
@@ -96,7 +99,7 @@ class ParamGatherer:
         self.alloc.ledger.add("device", "params", b.page.nbytes)
         own = b.full[b.own_start : b.own_stop]
         own.copy_(b.param_shard, non_blocking=True)  # host -> device when offloaded
-        self._gathers[index] = self.comm.all_gather(b.full, own)
+        self._gathers[index] = b.comm.all_gather(b.full, own)
 
     def _free(self, index: int) -> None:
         self._gathers.pop(index).wait()  # never free memory a collective still writes
@@ -164,8 +167,11 @@ class ParamGatherer:
             Variable._execution_engine.queue_callback(self._end_backward)
         if unit in self._in_backward:
             return
+        for done in [u for u in self._in_backward if u > unit and u in self._with_frozen]:
+            self._in_backward.discard(done)
+            self._release(done)
         self._in_backward.add(unit)
-        self._grads_left[unit] = len(self.units[unit].params)
+        self._grads_left[unit] = sum(p.requires_grad for p in self.units[unit].params)
         self._acquire(unit)
         self.drop_holds(free=False)
         self._prefetch(list(range(unit - 1, -1, -1)))
@@ -175,7 +181,7 @@ class ParamGatherer:
         for unit in self._units_of[id(param)]:
             if unit in self._in_backward:
                 self._grads_left[unit] -= 1
-                if self._grads_left[unit] == 0:
+                if self._grads_left[unit] == 0 and unit not in self._with_frozen:
                     self._in_backward.discard(unit)
                     self._release(unit)
 

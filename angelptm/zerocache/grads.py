@@ -1,10 +1,11 @@
-"""Gradient reduction over the dp group, page by page, overlapped with backward.
+"""Gradient reduction over the dp group (each page over its own group: see experts.py), page by
+page, overlapped with backward.
 
 A hook on every parameter moves its gradient into the page's bucket (`grad_full`) as soon as
 autograd has accumulated it, and drops the parameter's own `.grad`. When the last gradient of a
 page arrives, the page's reduction starts at once:
 
-- stage 0: all-reduce of the bucket, then divide by dp (the bucket holds the mean);
+- stage 0: all-reduce of the bucket, then divide by dp · cp (the bucket holds the mean);
 - stages 1-3: reduce-scatter of the bucket, added into `grad_shard` (which holds the sum; the
   optimizer divides by dp inside the AdamW pass). Stage 1 zeroes and keeps its bucket, stages
   2-3 free it, so they never hold the gradients of more than a few pages at once.
@@ -36,17 +37,16 @@ from torch.autograd import Variable
 
 from angelptm.distributed.pipeline.split_backward import postponed_weight_work
 from angelptm.zerocache.buffers import PageBuffers
-from angelptm.zerocache.comm import PageComm
 from angelptm.zerocache.pages import Slot
 from angelptm.zerocache.tiers import Allocator
 
 
 class GradReducer:
-    def __init__(self, buffers: list[PageBuffers], stage: int, comm: PageComm, alloc: Allocator,
+    def __init__(self, buffers: list[PageBuffers], stage: int, mean_divisor: int, alloc: Allocator,
                  max_in_flight: int, on_param_grad: Callable[[torch.nn.Parameter], None]):
         self.buffers = buffers
         self.stage = stage
-        self.comm = comm
+        self.mean_divisor = mean_divisor  # the ranks whose tokens the gradients sum over
         self.alloc = alloc
         self.max_in_flight = max(1, max_in_flight)
         self.on_param_grad = on_param_grad  # stage 3 frees a unit's pages when its grads are in
@@ -59,7 +59,7 @@ class GradReducer:
         self._held: dict[int, tuple[PageBuffers, Slot, torch.nn.Parameter]] = {}  # left in .grad for the weight pass
         self._hooks = [
             slot.param.register_post_accumulate_grad_hook(partial(self._on_grad, b, slot))
-            for b in buffers for slot in b.page.slots
+            for b in buffers if not b.page.frozen for slot in b.page.slots
         ]
 
     def _bucket(self, b: PageBuffers) -> torch.Tensor:
@@ -107,6 +107,9 @@ class GradReducer:
             return
         while self._next >= 0:
             b = self.buffers[self._next]
+            if b.page.frozen:  # no gradients: nothing to reduce
+                self._next -= 1
+                continue
             if not flush and self._arrived[self._next] < len(b.page.slots):
                 return
             if flush and b.grad_full is None:  # stages 2-3: no gradient reached this page
@@ -123,9 +126,9 @@ class GradReducer:
             self._finish(b)
         bucket = b.grad_full
         if self.stage == 0:
-            b.reduction = self.comm.all_reduce(bucket).then(lambda: bucket.div_(self.comm.size))
+            b.reduction = b.comm.all_reduce(bucket).then(lambda: bucket.div_(self.mean_divisor))
         else:
-            b.reduction = self.comm.reduce_scatter_add(b.grad_shard, bucket)
+            b.reduction = b.comm.reduce_scatter_add(b.grad_shard, bucket)
             if self.stage == 1:
                 b.reduction.then(bucket.zero_)  # the bucket stays for the next step
             else:

@@ -10,7 +10,8 @@
         opt.step()
         opt.zero_grad()
 
-Construction packs the model's trainable parameters into pages (they become views into them),
+Construction packs the model's parameters into pages (they become views into them; frozen ones,
+requires_grad False, in pages of their own with no gradients or optimizer state),
 decides where each page's parameter shard and optimizer state live (`placement`), and installs
 the hooks that reduce gradients during backward (`grads.GradReducer`) and, at stage 3, gather
 parameters around each unit (`gather.ParamGatherer`). The dp group is the "dp" dimension of a
@@ -18,7 +19,8 @@ DeviceMesh (with "cp": context-parallel ranks hold the same weights), an explici
 or the whole world. A DeviceMesh also brings the model-parallel dimensions: "tp", whose sharded
 parameters (`model.shard_specs`) get their partial gradients summed, their norm counted and their
 checkpoint placed in the global tensors (tensor_parallel.py), and "pp", whose stages hold other
-parameters, so the global gradient norm sums over it too.
+parameters, so the global gradient norm sums over it too. Under expert parallelism the expert
+weights are sharded and reduced over the expert-data-parallel group instead (experts.py).
 
 Gradients are averaged over the dp group (like DDP). Parameters' `.grad` stay None: gradients
 live in the pages. At stage 3, parameters have no storage outside a unit's forward and backward;
@@ -47,6 +49,7 @@ from angelptm.zerocache import checkpoint
 from angelptm.zerocache.adamw import adamw_
 from angelptm.zerocache.buffers import PageBuffers
 from angelptm.zerocache.comm import PageComm
+from angelptm.zerocache.experts import ExpertSharding
 from angelptm.zerocache.fp8_gather import Float8Gather, fp8_gathered_layers
 from angelptm.zerocache.gather import ParamGatherer
 from angelptm.zerocache.grads import GradReducer
@@ -147,11 +150,17 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         self._alloc = Allocator(self.device, self.ledger)
         self._comm = PageComm(self.group, self._alloc)
         self.dp, self.rank = self._comm.size, self._comm.rank
+        # Expert parallelism: the expert weights shard over their own group, edp (experts.py).
+        self._experts = ExpertSharding.of(model)
+        self._expert_comm = PageComm(self._experts.edp.pg, self._alloc) if self._experts else None
+        self._page_comms = [comm for comm in (self._comm, self._expert_comm) if comm is not None]
         max_in_flight = max(2, prefetch_pages)
 
         units = find_units(model)
-        pages = build_pages(model, units, page_mb, self.dp, lambda param: param_group[id(param)],
-                            frozenset(fp8_layers))
+        # Frozen parameters (a LoRA base) belong to no group: their pages are never stepped.
+        pages = build_pages(model, units, page_mb, self.dp, lambda param: param_group.get(id(param), 0),
+                            frozenset(fp8_layers), self._experts.params if self._experts else frozenset(),
+                            self._expert_comm.size if self._expert_comm else 1)
         self._specs = {slot.name: spec_of(model, slot.name, slot.param, tp.size)
                        for page in pages for slot in page.slots}
         self.placement = plan_placement(
@@ -164,17 +173,18 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
             self.ledger.add("nvme", "optimizer", nvme_bytes)
 
         self._buffers = [self._adopt(page, offsets.get(page.index, -1)) for page in pages]
+        self._trainable = [b for b in self._buffers if not b.page.frozen]  # the pages with gradients and state
         self._transfers = Transfers(self.device)
-        self._offload = OffloadStepper([b for b in self._buffers if b.state_tier != "device"], self._alloc,
+        self._offload = OffloadStepper([b for b in self._trainable if b.state_tier != "device"], self._alloc,
                                        self._transfers, self._nvme, prefetch_pages)
         self._init_state()
-        self._tp_pages = TensorParallelPages(self._buffers, self._specs, tp)
+        self._tp_pages = TensorParallelPages(self._trainable, self._specs, tp)
         self._tp_summed = False  # whether this step's tp-partial gradients are summed yet
         self._fp8 = Float8Gather(self._buffers, fp8_layers, self._comm, self._alloc) if fp8_layers else None
-        self._gatherer = ParamGatherer(units, self._buffers, self._comm, self._alloc, prefetch_pages, self._fp8) \
+        self._gatherer = ParamGatherer(units, self._buffers, self._alloc, prefetch_pages, self._fp8) \
             if stage == 3 else None
-        self._publisher = PagePublisher(units, self._buffers, self._comm) if stage in (1, 2) and self.dp > 1 else None
-        self._reducer = GradReducer(self._buffers, stage, self._comm, self._alloc, max_in_flight,
+        self._publisher = PagePublisher(units, self._trainable) if stage in (1, 2) and self.dp > 1 else None
+        self._reducer = GradReducer(self._buffers, stage, self.dp, self._alloc, max_in_flight,
                                     self._gatherer.on_param_grad if self._gatherer else lambda param: None)
         self._steps = 0
         self._step_device = torch.zeros((), device=self.device)
@@ -199,8 +209,15 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
 
     # -- construction --------------------------------------------------------------------------
 
+    def _comm_of(self, page: Page) -> PageComm:
+        """The collectives of the group the page is sharded over."""
+        return self._expert_comm if page.expert else self._comm
+
     def _own_range(self, page: Page) -> tuple[int, int]:
-        return (0, page.numel) if self.stage == 0 else shard_range(page, self.rank, self.dp)
+        comm = self._comm_of(page)
+        # A frozen page is never updated, so below stage 3 (parameters whole on every rank) it owns all.
+        whole = self.stage == 0 or (page.frozen and self.stage < 3)
+        return (0, page.numel) if whole else shard_range(page, comm.rank, comm.size)
 
     def _nvme_layout(self, pages: list[Page]) -> tuple[dict[int, int], int]:
         offsets, end = {}, 0
@@ -222,12 +239,15 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
             slot.param.data = view
         start, stop = self._own_range(page)
         b = PageBuffers(page, self.stage, start, stop, self.placement.param_tiers[page.index],
-                        self.placement.state_tiers[page.index], full, nvme_offset=nvme_offset)
+                        self.placement.state_tiers[page.index], full, self._comm_of(page),
+                        nvme_offset=nvme_offset)
         if self.stage == 3:
             b.param_shard = self._alloc.empty(b.param_tier, "params", b.own_numel, page.dtype)
             b.param_shard.copy_(full[start:stop])
             full.untyped_storage().resize_(0)
             self.ledger.sub("device", "params", page.nbytes)
+        if page.frozen:
+            return b
         if self.stage <= 1:
             b.grad_full = self._alloc.zeros("device", "grads", page.numel, page.dtype)
         if self.stage >= 1:
@@ -239,7 +259,7 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _init_state(self) -> None:
         """Moments start at zero; a separate master starts as a copy of the parameters."""
-        for b in self._buffers:
+        for b in self._trainable:
             slab = self._offload.new_slab(b).zero_() if b.state_tier == "nvme" else b.slab
             master, _, _ = b.state_views(slab)
             if b.separate_master:
@@ -278,11 +298,13 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Global L2 norm of the averaged gradients over all dp shards, tp slices and pp stages;
-        scales the next step's gradients by min(1, max_norm / (norm + 1e-6)) as
+        """Global L2 norm of the averaged gradients over all dp shards, tp slices, pp stages and
+        ep ranks' experts; scales the next step's gradients by min(1, max_norm / (norm + 1e-6)) as
         torch.nn.utils.clip_grad_norm_ does."""
         self._complete_gradients()
-        squares = self._tp_pages.grad_norm_squared([b.grad_own() for b in self._buffers])
+        squares = self._tp_pages.grad_norm_squared([b.grad_own() for b in self._trainable if not b.page.expert])
+        if self._experts is not None:
+            squares = squares + self._experts.grad_norm_squared(self._trainable, self.stage)
         if self.stage >= 1 and self.dp > 1:
             dist.all_reduce(squares, group=self.group)
         for group in self._norm_groups:
@@ -325,7 +347,7 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
             self._fp8.invalidate()
         self._grad_scale = None
         self._tp_summed = False
-        sent = Counter(self._comm.sent_bytes)
+        sent = sum((Counter(comm.sent_bytes) for comm in self._page_comms), Counter())
         self._sent_last_step = dict(sent - self._sent_at_step_end)
         self._sent_at_step_end = sent
         self.ledger.start_step()
@@ -334,7 +356,7 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         """One multi-tensor AdamW per parameter group over the device-tier pages; pages whose
         gradients are not fp32 are widened first, one page at a time to bound the extra memory."""
         batches: dict[int, tuple[list, list, list, list]] = {}
-        for b in self._buffers:
+        for b in self._trainable:
             if b.state_tier != "device":
                 continue
             master, exp_avg, exp_avg_sq = b.state_views(b.slab)
@@ -350,7 +372,7 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
             self._alloc.free(widened, "device", "buffers")
         for group, (masters, grads, exp_avgs, exp_avg_sqs) in batches.items():
             adamw_(masters, grads, exp_avgs, exp_avg_sqs, self._step_device, grad_scale=scale, **hypers[group])
-        for b in self._buffers:
+        for b in self._trainable:
             if b.state_tier == "device" and b.separate_master:
                 b.param_own().copy_(b.state_views(b.slab)[0])
 

@@ -32,7 +32,9 @@ def _gb(nbytes: float) -> str:
 
 
 def slab_bytes(page: Page, own_numel: int, param_tier: str, state_tier: str) -> int:
-    """Bytes of a page's optimizer-state slab (see buffers.PageBuffers)."""
+    """Bytes of a page's optimizer-state slab (see buffers.PageBuffers); none for a frozen page."""
+    if page.frozen:
+        return 0
     return 4 * slab_numel(own_numel, needs_master(page.dtype, param_tier, state_tier))
 
 
@@ -54,17 +56,18 @@ def in_flight_bytes(pages: list[Page], units: list[Unit], stage: int, prefetch_p
 def plan_placement(pages: list[Page], units: list[Unit], stage: int, dp: int, *,
                    offload_optimizer: str, offload_params: str, device_budget_gb: float | None,
                    prefetch_pages: int, max_in_flight: int) -> Placement:
-    own = [p.numel if stage == 0 else p.numel // dp for p in pages]
+    own = [p.numel if stage == 0 or (p.frozen and stage < 3) else p.numel // p.shards for p in pages]
     param_bytes = [p.nbytes for p in pages]
     shard_bytes = [n * p.dtype.itemsize for n, p in zip(own, pages)]
-    grads = sum(param_bytes) if stage <= 1 else 0  # persistent buckets
-    grads += sum(shard_bytes) if stage >= 1 else 0
+    with_grads = [not p.frozen for p in pages]
+    grads = sum(b for b, g in zip(param_bytes, with_grads) if g) if stage <= 1 else 0  # persistent buckets
+    grads += sum(b for b, g in zip(shard_bytes, with_grads) if g) if stage >= 1 else 0
     params_movable = stage == 3 and offload_params == "cpu"
     params = sum(param_bytes) if stage <= 2 else 0 if params_movable else sum(shard_bytes)
     flight = in_flight_bytes(pages, units, stage, prefetch_pages, max_in_flight)
     fixed = params + grads + flight
     param_tiers = ["device"] * len(pages)
-    state_tiers = [STATE_TIER[offload_optimizer]] * len(pages)
+    state_tiers = ["device" if p.frozen else STATE_TIER[offload_optimizer] for p in pages]  # frozen: no state
     if params_movable:
         param_tiers = ["host"] * len(pages)
 

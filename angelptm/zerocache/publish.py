@@ -17,15 +17,14 @@ from __future__ import annotations
 from functools import partial
 
 from angelptm.zerocache.buffers import PageBuffers
-from angelptm.zerocache.comm import Handle, PageComm
+from angelptm.zerocache.comm import Handle
 from angelptm.zerocache.pages import Unit
 
 
 class PagePublisher:
-    def __init__(self, units: list[Unit], buffers: list[PageBuffers], comm: PageComm):
+    def __init__(self, units: list[Unit], buffers: list[PageBuffers]):
         self.units = units
         self.buffers = buffers
-        self.comm = comm
         self._pending: dict[int, Handle] = {}  # page index -> its gather in flight
         self._hooks = [unit.module.register_forward_pre_hook(partial(self._before_unit, i))
                        for i, unit in enumerate(units)]
@@ -33,7 +32,7 @@ class PagePublisher:
     def start(self) -> None:
         """Start gathering every page's own range into the full page, in page order."""
         for b in self.buffers:
-            self._pending[b.page.index] = self.comm.all_gather(b.full, b.full[b.own_start : b.own_stop])
+            self._pending[b.page.index] = b.comm.all_gather(b.full, b.full[b.own_start : b.own_stop])
 
     def _before_unit(self, unit: int, module, args) -> None:
         for index in self.units[unit].pages:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,8 @@ Key = tuple[int, int]  # (stage, microbatch)
 class _StepState:
     """Tensors in flight during one step, each dropped as soon as its last user has run."""
 
-    def __init__(self) -> None:
+    def __init__(self, stage_kwargs: Sequence[dict[str, Any]]) -> None:
+        self.stage_kwargs = stage_kwargs  # per microbatch, for every stage's forward
         self.inputs: dict[Key, torch.Tensor] = {}  # stage inputs, for their gradients
         self.outputs: dict[Key, torch.Tensor] = {}  # stage outputs (the scaled loss on the last stage)
         self.input_grads: dict[Key, torch.Tensor] = {}  # waiting to be sent upstream
@@ -48,7 +49,8 @@ class PipelineRunner:
 
     `stages[c]` is stage c·pp + rank (from `split_model`); `activation_shape` is the shape of the
     hidden states passed between stages (and of their gradients); `loss_fn(output, target)`
-    returns a microbatch's mean loss on the last stage; `autocast` (a reusable context manager)
+    returns a microbatch's loss on the last stage, which the runner averages over the microbatches
+    (the trainer's is scaled so that this average is the mean over the batch's loss tokens); `autocast` (a reusable context manager)
     wraps each forward and loss.
     """
 
@@ -77,25 +79,31 @@ class PipelineRunner:
         # NCCL wants every rank of a group in the group's first call; P2P calls involve only two.
         dist.barrier(group=group.pg)
 
-    def step(self, inputs: Optional[Sequence[torch.Tensor]], targets: Optional[Sequence[torch.Tensor]]) -> float:
+    def step(self, inputs: Optional[Sequence[torch.Tensor]], targets: Optional[Sequence[torch.Tensor]],
+             stage_kwargs: Optional[Sequence[dict[str, Any]]] = None) -> float:
         """Run one step; return the mean loss over the microbatches, on every pp rank.
 
         `inputs[k]` (token ids of microbatch k) are read only on the rank holding stage 0 and
         `targets[k]` only on the one holding the last stage; other ranks may pass None.
+        `stage_kwargs[k]` are keyword arguments every stage's forward takes for microbatch k (the
+        positions and doc ids of packed rows, which every layer needs), so every rank passes them.
         """
-        return self._run(self.actions, inputs, targets)
+        return self._run(self.actions, inputs, targets, stage_kwargs)
 
     @torch.no_grad()
-    def evaluate(self, inputs: Optional[Sequence[torch.Tensor]], targets: Optional[Sequence[torch.Tensor]]) -> float:
+    def evaluate(self, inputs: Optional[Sequence[torch.Tensor]], targets: Optional[Sequence[torch.Tensor]],
+                 stage_kwargs: Optional[Sequence[dict[str, Any]]] = None) -> float:
         """The mean loss over the microbatches, forwards only (no gradients), on every pp rank."""
-        return self._run(self.forward_actions, inputs, targets)
+        return self._run(self.forward_actions, inputs, targets, stage_kwargs)
 
-    def _run(self, actions: list[Action], inputs, targets) -> float:
+    def _run(self, actions: list[Action], inputs, targets, stage_kwargs) -> float:
         holds = {a.stage for a in actions}
         for name, seq, stage in (("inputs", inputs, 0), ("targets", targets, self.num_stages - 1)):
             if stage in holds and (seq is None or len(seq) != self.microbatches):
                 raise ValueError(f"stage {stage} needs {self.microbatches} microbatches of {name}")
-        state = _StepState()
+        if stage_kwargs is not None and len(stage_kwargs) != self.microbatches:
+            raise ValueError(f"stage_kwargs holds {len(stage_kwargs)} microbatches, not {self.microbatches}")
+        state = _StepState(stage_kwargs or [{}] * self.microbatches)
         self.timeline = []
         for item in batches(actions):
             if isinstance(item, Action):
@@ -136,7 +144,7 @@ class PipelineRunner:
         else:
             x = state.received.pop(Action(RECV_ACTIVATION, *key)).requires_grad_()
         with self.autocast:
-            y = self.stages[action.stage // self.pp](x)
+            y = self.stages[action.stage // self.pp](x, **state.stage_kwargs[action.microbatch])
             if action.stage == self.num_stages - 1:
                 loss = self.loss_fn(y, targets[action.microbatch])
         state.inputs[key] = x

@@ -1,0 +1,1 @@
+"""Fine-tuning methods applied to a plain model from the outside: low-rank adapters (`lora`)."""
