@@ -58,6 +58,7 @@ class ModelConfig:
     n_layers: int = 6
     n_heads: int = 8
     n_kv_heads: Optional[int] = 4  # null: as many as n_heads (plain multi-head attention)
+    head_dim: Optional[int] = None  # width of one attention head; null: dim / n_heads (Qwen3 sets its own)
     ffn_dim: Optional[int] = 768  # null: 8/3·dim rounded up to 64 (llama) or 4·dim (gpt)
     vocab_size: int = 259  # the byte tokenizer's 256 bytes + BOS, EOS, PAD
     max_seq_len: int = 256
@@ -70,6 +71,11 @@ class ModelConfig:
     qk_norm: Literal["none", "before_rope", "after_rope"] = "none"  # per-head RMSNorm of q, k (Qwen3 / Hunyuan)
     sliding_window: Optional[int] = None  # attend to at most this many latest positions (Mistral); null: all
     moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """The width of one attention head: `head_dim`, or dim / n_heads where it is null."""
+        return self.dim // self.n_heads if self.head_dim is None else self.head_dim
 
 
 @dataclass

@@ -62,14 +62,19 @@ def _resolve_model(m: ModelConfig) -> None:
     if m.ffn_dim is None:
         m.ffn_dim = 4 * m.dim if m.arch == "gpt" else 64 * math.ceil(8 * m.dim / 3 / 64)
     _positive(m, "model", "n_kv_heads", "ffn_dim", "rope_theta", "norm_eps")
-    _check(
-        m.dim % m.n_heads == 0,
-        f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; pick n_heads dividing dim",
-    )
-    _check(
-        (m.dim // m.n_heads) % 2 == 0,
-        f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even for rotary embeddings",
-    )
+    if m.head_dim is None:
+        _check(
+            m.dim % m.n_heads == 0,
+            f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; pick n_heads dividing dim "
+            "or set model.head_dim",
+        )
+        _check(
+            (m.dim // m.n_heads) % 2 == 0,
+            f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even for rotary embeddings",
+        )
+    else:
+        _positive(m, "model", "head_dim")
+        _check(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for rotary embeddings")
     _check(
         m.n_heads % m.n_kv_heads == 0,
         f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "

@@ -56,7 +56,7 @@ def _gather_or_scatter(p: int, nbytes: float) -> float:
 def local_parameters(cfg: Config, tp: int) -> int:
     """Parameters one tp rank holds (vocabulary padded to a multiple of tp)."""
     m = cfg.model
-    hd = m.dim // m.n_heads
+    hd = m.resolved_head_dim
     kv_rows = m.n_kv_heads // tp * hd if m.n_kv_heads >= tp else hd
     block = (2 * m.n_heads // tp * hd + 2 * kv_rows + 3 * m.ffn_dim // tp) * m.dim + 2 * m.dim
     vocab_rows = -(-m.vocab_size // tp)
@@ -67,7 +67,7 @@ def analytic_bytes(cfg: Config, dp: int, tp: int, cp: int) -> dict[str, float]:
     """Bytes one rank sends per optimizer step, per mesh dimension (bus bytes, as the counters use)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
     micro = cfg.grad_accum_steps(dp)
-    hd = m.dim // m.n_heads
+    hd = m.resolved_head_dim
     tokens = t.micro_batch * t.seq_len // cp  # per microbatch on this rank, before sequence parallelism
     hidden = tokens * m.dim * FLOAT
     out: dict[str, float] = {}

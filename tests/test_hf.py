@@ -177,7 +177,7 @@ BAD_HF_FOLDERS = {
     "attention_bias": (edit_config(attention_bias=True), "attention_bias"),
     "mlp_bias": (edit_config(mlp_bias=True), "mlp_bias"),
     "other architecture": (edit_config(model_type="gpt2", architectures=["GPT2LMHeadModel"]), "model_type=gpt2"),
-    "other head_dim": (edit_config(head_dim=32), "head_dim=32"),
+    "weights of another head_dim": (edit_config(head_dim=32), "q_proj.weight has shape"),
     "missing tensor": (drop_tensor, "model.layers.1.mlp.up_proj.weight"),
     "extra tensor": (add_bias_tensor, "q_proj.bias"),
     "no safetensors": (lambda folder: (folder / "model.safetensors").unlink(), "safetensors"),

@@ -30,6 +30,8 @@ MOE = {**TINY, "n_layers": 3, "moe": {"n_experts": 4, "top_k": 2, "expert_ffn_di
 MOE_SHARED = {**TINY, "n_layers": 3, "moe": {"n_experts": 8, "top_k": 1, "expert_ffn_dim": 32, "n_shared_experts": 1,
                                               "first_dense_layers": 1, "router": "sigmoid", "balance": "aux_free",
                                               "z_loss_coef": 0.001}}
+# Heads wider than dim / n_heads (Qwen3's shape): q and the attention output are 128 wide, not 64.
+HEAD_DIM = {**TINY, "head_dim": 32}
 
 
 def _cfg(model, **sections):
@@ -50,6 +52,7 @@ def _layout(**kw):
 @pytest.mark.parametrize("model", [
     TINY,
     {**TINY, "n_kv_heads": 4, "tie_embeddings": True},
+    HEAD_DIM,
     {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "ffn_dim": 14336, "vocab_size": 128256,
      "max_seq_len": 8192},
     MOE,
@@ -76,7 +79,7 @@ def _shard_numel(name: str, shape: tuple, cfg, tp: int) -> int:
         return numel // tp  # column-parallel: output rows split
     if name.endswith(("wk.weight", "wv.weight")):
         heads = cfg.n_kv_heads // tp if cfg.n_kv_heads % tp == 0 else 1  # else one replicated head
-        return heads * (cfg.dim // cfg.n_heads) * cfg.dim
+        return heads * cfg.resolved_head_dim * cfg.dim
     if name.endswith(("wo.weight", "w2.weight")):
         return numel // tp  # row-parallel: input columns split
     if name in ("tok_embeddings.weight", "output.weight"):
@@ -86,8 +89,9 @@ def _shard_numel(name: str, shape: tuple, cfg, tp: int) -> int:
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 1), (2, 2), (1, 4), (4, 2)])
 @pytest.mark.parametrize("tied", [False, True])
-def test_rank_params_equal_real_shards(tp, pp, tied):
-    cfg = _cfg({**TINY, "n_layers": 8, "tie_embeddings": tied})
+@pytest.mark.parametrize("model", [TINY, HEAD_DIM])
+def test_rank_params_equal_real_shards(tp, pp, tied, model):
+    cfg = _cfg({**model, "n_layers": 8, "tie_embeddings": tied})
     model = build_llama(cfg.model, device="meta")
     per_stage = cfg.model.n_layers // pp
     stages = {"first": range(per_stage), "last": range(cfg.model.n_layers - per_stage, cfg.model.n_layers)}
@@ -263,7 +267,7 @@ def test_first_stage_holds_korthikanti_share_of_the_layers(schedule, virtual):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("model", [TINY, {**TINY, "n_kv_heads": 4, "ffn_dim": 256}, MOE, MOE_SHARED])
+@pytest.mark.parametrize("model", [TINY, {**TINY, "n_kv_heads": 4, "ffn_dim": 256}, HEAD_DIM, MOE, MOE_SHARED])
 def test_activation_bytes_match_saved_tensors(dtype, model):
     cfg = _cfg(model, precision={"dtype": dtype})
     torch.manual_seed(0)
@@ -292,7 +296,7 @@ def test_activation_bytes_match_saved_tensors(dtype, model):
     # Closer than the bound: only RoPE's fp32 cos/sin tables and the loss's scalar are left out,
     # and per MoE block its tensors of n_experts elements: the grouped GEMM's int32 group offsets,
     # the balancing loss's fp32 fractions, in bf16 the router's fp32 copy of its (n_experts, dim) weight.
-    rope_tables = 2 * cfg.train.seq_len * (cfg.model.dim // cfg.model.n_heads) * 4
+    rope_tables = 2 * cfg.train.seq_len * cfg.model.resolved_head_dim * 4
     moe = cfg.model.moe
     balancing = moe.balance == "aux_loss" and moe.aux_loss_coef > 0
     per_moe_block = moe.n_experts * 4 * (1 + balancing + (cfg.model.dim if dtype != "float32" else 0))

@@ -100,24 +100,24 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         )
     dim, n_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
     head_dim = hf_config.get("head_dim")
-    if head_dim is not None and n_heads and head_dim != dim // n_heads:
-        raise UserError(
-            f"the model has head_dim={head_dim} but hidden_size / num_attention_heads = {dim // n_heads}; "
-            "angelptm's Llama needs head_dim = hidden_size / num_attention_heads"
-        )
+    if head_dim is not None and (not isinstance(head_dim, int) or isinstance(head_dim, bool)):
+        raise UserError(f"head_dim={head_dim!r} is not an integer; fix config.json or drop head_dim")
+    if head_dim is not None and head_dim * n_heads == dim:
+        head_dim = None  # the width hidden_size / num_attention_heads gives: our default, kept null
     section = {
         "arch": "llama",
         "dim": dim,
         "n_layers": hf_config["num_hidden_layers"],
         "n_heads": n_heads,
         "n_kv_heads": hf_config.get("num_key_value_heads") or n_heads,
+        "head_dim": head_dim,
         "ffn_dim": hf_config["intermediate_size"],
         "vocab_size": hf_config["vocab_size"],
         "max_seq_len": hf_config.get("max_position_embeddings", 2048),
         "norm_eps": hf_config.get("rms_norm_eps", 1e-6),
         # LlamaConfig's default, which transformers applies when the key is absent.
         "tie_embeddings": bool(hf_config.get("tie_word_embeddings", False)),
-        **options_from_hf(hf_config, family, dim // n_heads),
+        **options_from_hf(hf_config, family, head_dim or dim // n_heads),
     }
     return _run_config(section).model
 
@@ -144,7 +144,8 @@ def hf_config_from(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32) -
         "num_hidden_layers": model_cfg.n_layers,
         "num_attention_heads": model_cfg.n_heads,
         "num_key_value_heads": model_cfg.n_kv_heads,
-        "head_dim": model_cfg.dim // model_cfg.n_heads,
+        # Always written: Qwen3's config class defaults an absent head_dim to 128, not hidden / heads.
+        "head_dim": model_cfg.resolved_head_dim,
         "vocab_size": model_cfg.vocab_size,
         "max_position_embeddings": model_cfg.max_seq_len,
         **hf_rope_config(model_cfg),

@@ -5,7 +5,8 @@ All of them are our one Llama-family decoder with options (`angelptm.models.llam
     llama              attention_bias: q/k/v and o biases; rope_scaling llama3, linear, dynamic
     mistral            sliding_window (null: plain Llama)
     qwen2              q/k/v biases always, no o bias
-    qwen3              a per-head RMSNorm of q and k before RoPE (q_norm, k_norm); attention_bias
+    qwen3              a per-head RMSNorm of q and k before RoPE (q_norm, k_norm); attention_bias;
+                       head_dim apart from hidden_size / heads (128 where config.json omits it)
     hunyuan_v1_dense   a per-head RMSNorm of q and k after RoPE (query_layernorm, key_layernorm);
                        attention_bias; its NTK-alpha RoPE, a fixed stretch of the base
 

@@ -2,7 +2,8 @@
 
 One decoder with the options the Hugging Face families it imports need, not a copy per family:
 q/k/v (and o) biases (Qwen2), a per-head RMSNorm of q and k before RoPE (Qwen3) or after it
-(Hunyuan dense), scaled RoPE (Llama 3.x; `angelptm.models.rope`) and a sliding window (Mistral).
+(Hunyuan dense), scaled RoPE (Llama 3.x; `angelptm.models.rope`), a sliding window (Mistral) and
+heads wider or narrower than dim / n_heads (`model.head_dim`; Qwen3).
 
 The model knows nothing of parallelism. `angelptm.distributed.parallelize` and the pipeline
 splitter transform it from the outside: they swap linear layers for sharded ones, replace
@@ -84,7 +85,7 @@ def visible_keys(seq: int, window: Optional[int], doc_ids: Optional[torch.Tensor
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.head_dim = cfg.dim // cfg.n_heads
+        self.head_dim = cfg.resolved_head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
@@ -184,7 +185,7 @@ class Llama(nn.Module):
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
             positions = torch.arange(h.shape[1], device=h.device)
-        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, positions.reshape(-1), self.cfg.rope_theta,
+        cos, sin = rope_tables(self.cfg.resolved_head_dim, positions.reshape(-1), self.cfg.rope_theta,
                                self.cfg.rope_scaling)
         cos, sin = cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
         for layer in self.layers.values():
@@ -225,7 +226,7 @@ def build_llama(cfg: ModelConfig, device: str | torch.device = "meta") -> Llama:
 
 def _attention_extras(cfg: ModelConfig) -> int:
     """Parameters of one attention layer that do no matmul work: its biases and q/k norm weights."""
-    head_dim = cfg.dim // cfg.n_heads
+    head_dim = cfg.resolved_head_dim
     biases = head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.qkv_bias + cfg.dim * cfg.o_bias
     return biases + 2 * head_dim * (cfg.qk_norm != "none")
 
@@ -243,8 +244,7 @@ def _feed_forward_params(cfg: ModelConfig, active: bool) -> int:
 def num_params(cfg: ModelConfig, active: bool = False) -> int:
     """Parameter count of the plain model (tied weights counted once); `active`: of an MoE model,
     only the experts one token passes through."""
-    head_dim = cfg.dim // cfg.n_heads
-    attn = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + _attention_extras(cfg)
+    attn = cfg.dim * cfg.resolved_head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + _attention_extras(cfg)
     block = attn + 2 * cfg.dim
     embeddings = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
     return cfg.n_layers * block + _feed_forward_params(cfg, active) + cfg.dim + embeddings
@@ -252,10 +252,10 @@ def num_params(cfg: ModelConfig, active: bool = False) -> int:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6 per matmul weight (of an MoE layer, those a
-    token uses) + 12·layers·dim·seq for attention.
+    token uses) + 12·layers·(n_heads·head_dim)·seq for attention scores and values.
 
     Norm weights, biases and an untied input embedding (a lookup) do no matmul work, so they are left out.
     """
     norms = (2 * cfg.n_layers + 1) * cfg.dim + cfg.n_layers * _attention_extras(cfg)
     matmul_params = num_params(cfg, active=True) - norms - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
-    return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq_len
+    return 6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * seq_len

@@ -60,7 +60,7 @@ def layer_time(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Impl
     dense = hw.peak_flops("float32" if ab == 4 else "bfloat16") * hw.matmul_efficiency
     layer_peak = hw.peak_flops("float8") * hw.matmul_efficiency if fp8 else dense
     hbm = hw.hbm_gbps * hw.hbm_efficiency * 1e9
-    h, kv = m.dim, m.kv_dim
+    h, q, kv = m.dim, m.q_dim, m.kv_dim
 
     # GEMMs: one forward product per weight; backward has two (input and weight gradients).
     gemm_flops = 2 * tokens * per_rank(m.moe_gemm_weights if moe else m.layer_gemm_weights, f)
@@ -77,11 +77,11 @@ def layer_time(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Impl
     # Attention over heads of this rank: flash skips the masked half; unfused computes every score.
     if impl.attention == "flash":
         attn_peak = hw.peak_flops("float32" if ab == 4 else "bfloat16") * hw.attention_efficiency
-        attn_fwd = 4 * tokens * seq * h * f["tp"] * 0.5 / attn_peak
+        attn_fwd = 4 * tokens * seq * q * f["tp"] * 0.5 / attn_peak
         attn_bwd = 2.5 * attn_fwd  # 5 matmuls against the forward's 2 (Dao 2023, Alg. 2)
         score_bytes = 0.0
     else:
-        attn_fwd = 4 * tokens * seq * h * f["tp"] / dense
+        attn_fwd = 4 * tokens * seq * q * f["tp"] / dense
         attn_bwd = 2 * attn_fwd
         # scores written, softmax read+written, dropout read+written+mask, probabilities read by AV
         per_score = 4 * ab + (2 * ab + 1 if impl.dropout else 0)
@@ -89,7 +89,7 @@ def layer_time(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Impl
     # Elementwise passes, each reading its inputs and writing its outputs once.
     seq_elems = 2 * 2 * h + 2 * 3 * h  # two norms (in, out), two residual adds (2 in, 1 out)
     if m.arch == "llama":
-        tp_elems = 2 * (h * f["tp"] + kv * f["kv"]) + 3 * width * f["tp"]  # RoPE on q, k; SwiGLU
+        tp_elems = 2 * (q * f["tp"] + kv * f["kv"]) + 3 * width * f["tp"]  # RoPE on q, k; SwiGLU
     else:
         tp_elems = 2 * width * f["tp"]  # GELU
     elem_bytes = tokens * (seq_elems * f["seq"] + tp_elems) * ab
@@ -104,7 +104,7 @@ def layer_time(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Impl
         elem_bytes += tokens * 2 * h * f["seq"]  # residual dropout masks
     if fp8:
         # Casting each GEMM input (forward) and output gradient (backward) to 1-byte FP8.
-        elem_bytes += tokens * (3 * h * f["seq"] + h * f["tp"] + width * f["tp"]) * (ab + 1)
+        elem_bytes += tokens * (3 * h * f["seq"] + q * f["tp"] + width * f["tp"]) * (ab + 1)
     elem_fwd = (elem_bytes + score_bytes) / hbm
     elem_bwd = 2 * elem_fwd  # backward reads the saved tensors and the incoming gradient, writes one
 
@@ -130,8 +130,8 @@ def layer_time(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Impl
         else:
             # All-to-alls of q, k, v before attention and of its output after: (n-1)/n of each
             # moves. Key/value heads that do not divide by cp are first repeated to the query heads.
-            kv_rank = kv * f["kv"] if m.kv_heads_per_rank(lay.tp) % lay.cp == 0 else h * f["tp"]
-            qkvo = tokens * (2 * h * f["tp"] + 2 * kv_rank) * ab
+            kv_rank = kv * f["kv"] if m.kv_heads_per_rank(lay.tp) % lay.cp == 0 else q * f["tp"]
+            qkvo = tokens * (2 * q * f["tp"] + 2 * kv_rank) * ab
             cp_fwd_bytes = cp_bwd_bytes = (lay.cp - 1) / lay.cp * qkvo
             cp_fwd = cp_bwd = cp.gather(qkvo, calls=4)
 

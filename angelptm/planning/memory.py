@@ -118,7 +118,7 @@ def buffer_bytes(m: ModelShape, lay: Layout, cfg: Config) -> tuple[float, float]
         comm += tokens * m.dim * ab  # the all-gathered sequence before a column-parallel linear
     if lay.cp > 1:
         kv = 2 * m.kv_dim * factors["kv"] * tokens * ab
-        comm += 2 * kv if lay.cp_mode == "ring" else kv + 2 * tokens * m.dim * factors["tp"] * ab
+        comm += 2 * kv if lay.cp_mode == "ring" else kv + 2 * tokens * m.q_dim * factors["tp"] * ab
     if lay.pp > 1:
         comm += 2 * tokens * m.dim * factors["seq"] * ab  # send and receive of a stage boundary
     if lay.ep > 1:

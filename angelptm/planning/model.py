@@ -111,6 +111,11 @@ class ModelShape:
         return hash(tuple(getattr(self, f) for f in self.__dataclass_fields__))
 
     @property
+    def q_dim(self) -> int:
+        """Width of the queries, and of the attention output wo reads: dim unless head_dim is set apart."""
+        return self.n_heads * self.head_dim
+
+    @property
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
@@ -204,10 +209,10 @@ class ModelShape:
 
     def flops_per_token(self, seq_len: int) -> float:
         """Model FLOPs per trained token (forward + backward), PaLM's convention (Chowdhery et al.
-        2022, App. B): 6 per matmul weight, plus 12·layers·dim·seq for attention scores and values
+        2022, App. B): 6 per matmul weight, plus 12·layers·q_dim·seq for attention scores and values
         counted over the full (not causal-halved) sequence. Recomputation is not counted here."""
         gemm = self.gemm_weights_per_token + self.vocab_size * self.dim
-        return 6.0 * gemm + 12.0 * self.n_layers * self.dim * seq_len
+        return 6.0 * gemm + 12.0 * self.n_layers * self.q_dim * seq_len
 
     def kv_heads_per_rank(self, tp: int) -> int:
         return self.n_kv_heads // tp if self.n_kv_heads % tp == 0 else 1
@@ -231,12 +236,12 @@ def per_rank(table: tuple, factors: dict) -> float:
 
 
 def _gemm_weights(cfg: ModelConfig, ffn_dim: int) -> tuple:
-    h, f = cfg.dim, ffn_dim
-    kv = cfg.n_kv_heads * (cfg.dim // cfg.n_heads)
+    h, f, head_dim = cfg.dim, ffn_dim, cfg.resolved_head_dim
+    q, kv = cfg.n_heads * head_dim, cfg.n_kv_heads * head_dim
     # llama: wq, wo, w1, w2, w3 split over heads / ffn columns, wk and wv over kv heads;
     # gpt: q and proj, fc1 and fc2, k and v.
     ffn = 3 * h * f if cfg.arch == "llama" else 2 * h * f
-    return (("tp", 2 * h * h + ffn), ("kv", 2 * h * kv))
+    return (("tp", 2 * h * q + ffn), ("kv", 2 * h * kv))
 
 
 def model_shape(cfg: ModelConfig) -> ModelShape:
@@ -256,7 +261,7 @@ def model_shape(cfg: ModelConfig) -> ModelShape:
         )
     return ModelShape(
         arch=cfg.arch, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_kv_heads, head_dim=cfg.dim // cfg.n_heads, ffn_dim=cfg.ffn_dim,
+        n_kv_heads=cfg.n_kv_heads, head_dim=cfg.resolved_head_dim, ffn_dim=cfg.ffn_dim,
         vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, tied=cfg.tie_embeddings,
         layer_gemm_weights=_gemm_weights(cfg, cfg.ffn_dim), **experts,
     )
@@ -284,21 +289,21 @@ def layer_saved(m: ModelShape, seq_len: int, ab: int, impl: Implementation, moe:
     (an MoE block: `_moe_saved` instead). gpt: Korthikanti et al. 2022, Sec. 4.1, term by term, plus
     LayerNorm's fp32 mean and rstd.
     """
-    h, f, a, kv = m.dim, m.ffn_dim, m.n_heads, m.kv_dim
+    h, f, a, q, kv = m.dim, m.ffn_dim, m.n_heads, m.q_dim, m.kv_dim
     names = ("attention_norm", "ffn_norm") if m.arch == "llama" else ("ln_1", "ln_2")
     ffn_norm = _norm_saved(m, names[1], ab, impl)
     out = _norm_saved(m, names[0], ab, impl) + (ffn_norm[:-1] if moe else ffn_norm)
     rotated = "_rotated" if m.arch == "llama" else ""
-    out += [Saved(f"q{rotated}", h, ab, "tp"), Saved(f"k{rotated}", kv, ab, "kv"), Saved("v", kv, ab, "kv")]
+    out += [Saved(f"q{rotated}", q, ab, "tp"), Saved(f"k{rotated}", kv, ab, "kv"), Saved("v", kv, ab, "kv")]
     if impl.attention == "flash":
-        out += [Saved("attention.out", h, ab, "tp"), Saved("attention.logsumexp", a, 4, "tp", core=True)]
+        out += [Saved("attention.out", q, ab, "tp"), Saved("attention.logsumexp", a, 4, "tp", core=True)]
     else:
         scores = a * seq_len  # per query token: one score per head per key
         out.append(Saved("softmax.out", scores, ab, "tp", core=True))
         if impl.dropout:
             out += [Saved("softmax.dropout_mask", scores, 1, "tp", core=True),
                     Saved("softmax.dropout_out", scores, ab, "tp", core=True)]
-        out.append(Saved("attention.out", h, ab, "tp"))
+        out.append(Saved("attention.out", q, ab, "tp"))
     if moe:
         out += _moe_saved(m, ab)
     elif m.arch == "llama":

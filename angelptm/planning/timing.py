@@ -241,9 +241,9 @@ def timing(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Implemen
     model_flops = m.flops_per_token(seq) * step_tokens
     recompute_per_token = 0.0  # all layers: full recomputes their forward GEMMs, both attention's scores
     if lay.checkpointing == "full":
-        recompute_per_token = 2 * m.gemm_weights_per_token + m.n_layers * 4 * m.dim * seq
+        recompute_per_token = 2 * m.gemm_weights_per_token + m.n_layers * 4 * m.q_dim * seq
     elif lay.checkpointing == "selective":
-        recompute_per_token = m.n_layers * 4 * m.dim * seq
+        recompute_per_token = m.n_layers * 4 * m.q_dim * seq
     hardware_flops = model_flops + recompute_per_token * step_tokens
     world = lay.world_size
     peak = hw.peak_flops("float32" if ab == 4 else "bfloat16")

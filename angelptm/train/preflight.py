@@ -120,7 +120,7 @@ def _what_to_lower(cfg: Config, dims: ParallelDims, mem: Memory, capacity: float
         fix = f"lower train.micro_batch={t.micro_batch} or train.seq_len={t.seq_len}"
         return fix + (", or set train.activation_checkpointing=full" if t.activation_checkpointing != "full" else "")
     embeddings = m.vocab_size * m.dim * (1 if m.tie_embeddings else 2)
-    attention, mlp = m.dim * (2 * m.dim + 2 * m.n_kv_heads * (m.dim // m.n_heads)), 3 * m.dim * m.ffn_dim
+    attention, mlp = m.dim * m.resolved_head_dim * (2 * m.n_heads + 2 * m.n_kv_heads), 3 * m.dim * m.ffn_dim
     blocks = m.n_layers * (attention + mlp)
     one_layer_state = state * (attention + mlp) / (embeddings + blocks)
     if embeddings >= blocks:
