@@ -44,11 +44,12 @@ from angelptm.data.sources import stdlib_files  # noqa: E402
 BATCH = 1024
 
 
-def train_tokenizer(texts: list[str], folder: Path) -> Path:
+def train_tokenizer(texts: list[str], folder: Path, vocab_size: int = 16384) -> Path:
+    """A byte-level BPE with <s>, </s>, <pad>, trained on the texts' first 4 MB, as a tokenizer folder."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=16384, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     sample = "".join(texts)[:4_000_000]
     tokenizer.train_from_iterator([sample[i:i + 100_000] for i in range(0, len(sample), 100_000)], trainer)

@@ -205,14 +205,18 @@ class PackedSFTSampler(_SFTSampler):
         epoch = int(np.searchsorted(self._epoch_ends, number, side="right"))
         return epoch, number - (self._epoch_ends[epoch - 1] if epoch else 0)
 
+    def members(self, number: int) -> list[int]:
+        """The samples sample number g's row holds, in order (indices into `self.samples`)."""
+        epoch, index = self._locate(number)
+        return self.plan(epoch)[index]
+
     def microbatch(self, step: int, start: int, count: int) -> Rows:
         shape = (count, self.seq_len)
         inputs, targets = np.full(shape, self.pad_id, dtype=np.int64), np.full(shape, IGNORE, dtype=np.int64)
         positions, doc_ids = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
         for row, number in enumerate(sample_indices(step, start, count, self.global_batch).tolist()):
-            epoch, index = self._locate(number)
             filled = 0
-            members = self.plan(epoch)[index]
+            members = self.members(number)
             for doc, item in enumerate(members):
                 sample_inputs, sample_targets = self._sample(item)
                 span = slice(filled, filled + len(sample_inputs))
