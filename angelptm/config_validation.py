@@ -120,19 +120,15 @@ def _resolve_moe(cfg: Config) -> None:
     _check(e.n_experts * e.expert_ffn_dim * m.dim <= MAX_TENSOR_NUMEL,
            f"model.moe.n_experts × expert_ffn_dim × model.dim = {e.n_experts * e.expert_ffn_dim * m.dim:.3g} elements "
            f"in one stacked expert weight, more than a tensor can hold ({MAX_TENSOR_NUMEL:.3g}); lower one of them")
+    # Under cp (and sequence-parallel tp) each rank routes part of every sequence; the routing
+    # losses sum their statistics over those ranks, but a capacity is a share of the tokens in
+    # order, which no rank sees.
     p = cfg.parallel
-    for dim in ("tp", "pp"):
-        degree = getattr(p, dim)
-        _check(degree == 1, f"model.moe with parallel.{dim} > 1 is not supported yet; set parallel.{dim}=1 "
-               f"(got {degree}) or model.moe.n_experts=0")
-    # Under cp each rank routes its part of every sequence: what is a mean over tokens is exact,
-    # the balancing loss (a product of means) and the capacity (a share of the tokens) are not.
-    _check(p.cp == 1 or e.balance != "aux_loss" or not e.aux_loss_coef,
-           "model.moe with parallel.cp > 1 is not supported yet for balance=aux_loss (each rank would balance its "
-           "part of every sequence alone); set model.moe.balance=aux_free, model.moe.aux_loss_coef=0 or parallel.cp=1")
-    _check(p.cp == 1 or e.capacity_factor is None,
-           f"model.moe with parallel.cp > 1 is not supported yet for capacity_factor={e.capacity_factor} (each rank "
-           "would fill its capacity from its part of every sequence); set model.moe.capacity_factor=null or parallel.cp=1")
+    shards = p.cp * (p.tp if p.sequence_parallel else 1)
+    _check(shards == 1 or e.capacity_factor is None,
+           f"model.moe.capacity_factor={e.capacity_factor} needs every microbatch's tokens on one rank, and "
+           f"parallel.cp={p.cp}, tp={p.tp} with sequence_parallel={p.sequence_parallel} split them; set "
+           "model.moe.capacity_factor=null (dropless) or parallel.cp=1 and tp=1 (or sequence_parallel=false)")
 
 
 def _check_expert_parallel(cfg: Config) -> None:

@@ -10,8 +10,13 @@ round runs every side once, in an order that rotates from round to round:
                    eager experts: a loop over the experts hit) with our weights copied in;
   transformers grouped_mm  the same block with `experts_implementation="grouped_mm"`, what a
                    whole transformers model picks by default where `torch._grouped_mm` exists;
-  per-expert loop  for each expert: a mask, a gather, the SwiGLU and an `index_add` (our router).
-Outputs are checked to match before anything is timed. Goal (issue 21): ours >= 2x transformers.
+  per-expert loop  for each expert: a mask, a gather, the SwiGLU and an `index_add` (our router);
+  dense ceiling    the experts' GEMM FLOPs with nothing else: one dense SwiGLU of an expert's size
+                   over all TOKENS · top_k token copies (no routing, sorting, gathering or combining),
+                   the time no implementation of the layer can beat.
+Outputs are checked to match before anything is timed (the ceiling computes other numbers). Goal
+(issue 21): ours >= 2x transformers; where transformers itself runs near the ceiling, "fraction of
+the ceiling" says what is left to gain.
 
     python benchmarks/moe_layer.py [--rounds 7] [--experts 8 64]
 
@@ -36,6 +41,7 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from angelptm.config import MoEConfig
+from angelptm.models.llama import FeedForward
 from angelptm.models.moe import MoE, grouped_mm_works
 
 TOKENS, DIM, FFN, TOP_K = 4096, 512, 1024, 2
@@ -53,6 +59,16 @@ def per_expert_loop(layer: MoE, x: torch.Tensor) -> torch.Tensor:
         y = (F.silu(rows @ w1.T) * (rows @ w3.T)) @ w2.T
         out.index_add_(0, token, y * routing.gates[token, choice, None])
     return out
+
+
+def dense_ceiling(layer: MoE) -> tuple[Callable[[torch.Tensor], torch.Tensor], FeedForward]:
+    """Expert 0's SwiGLU over every token copy, summed back per token: the routed GEMMs' FLOPs alone."""
+    ffn = FeedForward(DIM, layer.cfg.expert_ffn_dim)
+    with torch.no_grad():
+        for name in ("w1", "w2", "w3"):
+            getattr(ffn, name).weight.copy_(getattr(layer.experts, name)[0])
+    top_k = layer.cfg.top_k
+    return (lambda t: ffn(t.repeat(top_k, 1)).view(top_k, *t.shape).sum(0)), ffn
 
 
 def mixtral_block(layer: MoE, experts_implementation=None) -> MixtralSparseMoeBlock:
@@ -87,6 +103,7 @@ def bench(n_experts: int, rounds: int) -> dict:
     looped.load_state_dict(layer.state_dict())
     looped.experts.allow_grouped_mm = False
     block, grouped_block = mixtral_block(layer), mixtral_block(layer, "grouped_mm")
+    ceiling, ceiling_ffn = dense_ceiling(layer)
     x, grad = torch.randn(TOKENS, DIM), torch.randn(TOKENS, DIM)
     sides = {
         "ours grouped": (layer, [layer]),
@@ -99,6 +116,7 @@ def bench(n_experts: int, rounds: int) -> dict:
         reference = block(x.unsqueeze(0)).squeeze(0)
         errors = {name: ((forward(x) - reference).abs().max() / reference.abs().max()).item()
                   for name, (forward, _) in sides.items()}
+    sides["dense ceiling"] = (ceiling, [ceiling_ffn])
     assert max(errors.values()) < 1e-5, errors
     tokens_per_expert = torch.bincount(layer.router(x).experts.flatten(), minlength=n_experts)
     for forward, modules in sides.values():  # warm-up
@@ -135,13 +153,15 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; torch._grouped_mm used: {grouped}")
     print("speedups are per round (the sides of a round run back to back), then median [min, max] over the rounds")
     print(f"{'experts':>7} {'side':24s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'vs transformers':>24s} "
-          f"{'vs per-expert loop':>24s}")
+          f"{'vs per-expert loop':>24s} {'fraction of ceiling':>24s}")
     for result in results:
         times = result["seconds"]
-        for key, base in (("speedup_vs_transformers", "transformers"), ("speedup_vs_per_expert_loop", "per-expert loop")):
+        keys = (("speedup_vs_transformers", "transformers"), ("speedup_vs_per_expert_loop", "per-expert loop"),
+                ("fraction_of_dense_ceiling", "dense ceiling"))
+        for key, base in keys:
             result[key] = {name: per_round_ratio(times[base]["all"], t["all"]) for name, t in times.items()}
         for name, t in times.items():
-            ratios = [result[key][name] for key in ("speedup_vs_transformers", "speedup_vs_per_expert_loop")]
+            ratios = [result[key][name] for key, _ in keys]
             print(f"{result['n_experts']:>7} {name:24s} {t['median'] * 1e3:>10,.0f} {t['min'] * 1e3:>8,.0f} "
                   f"{t['max'] * 1e3:>8,.0f} " + " ".join(
                       f"{r['median']:>7.2f}x [{r['min']:5.2f}, {r['max']:5.2f}]" for r in ratios))

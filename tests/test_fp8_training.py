@@ -14,46 +14,47 @@ CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, voca
 STEPS, BATCH, SEQ = 200, 8, 32
 
 
-def synthetic_batches(seed: int = 0) -> torch.Tensor:
+def synthetic_batches(vocab_size: int, seed: int = 0) -> torch.Tensor:
     """(STEPS, BATCH, SEQ + 1) tokens from a fixed random chain where each token has two equally
     likely successors: learnable down to ln 2 nats per token."""
     gen = torch.Generator().manual_seed(seed)
-    successors = torch.randint(CFG.vocab_size, (CFG.vocab_size, 2), generator=gen)
+    successors = torch.randint(vocab_size, (vocab_size, 2), generator=gen)
     tokens = torch.empty(STEPS * BATCH, SEQ + 1, dtype=torch.long)
-    tokens[:, 0] = torch.randint(CFG.vocab_size, (STEPS * BATCH,), generator=gen)
+    tokens[:, 0] = torch.randint(vocab_size, (STEPS * BATCH,), generator=gen)
     for t in range(1, SEQ + 1):
         coin = torch.randint(2, (STEPS * BATCH,), generator=gen)
         tokens[:, t] = successors[tokens[:, t - 1], coin]
     return tokens.view(STEPS, BATCH, SEQ + 1)
 
 
-def train(recipe) -> list[float]:
+def train_steps(model) -> list[float]:
+    """Train `model` (FP8 or not) with AdamW on `synthetic_batches`, one thread; the loss of every step."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: more threads only contend on a shared machine
     try:
-        return _train(recipe)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        losses = []
+        for batch in synthetic_batches(model.cfg.vocab_size):
+            logits = model(batch[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            update_float8_scales(model)
+            losses.append(loss.item())
+        return losses
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(recipe) -> list[float]:
+def train(recipe) -> list[float]:
     torch.manual_seed(0)
     model = build_llama(CFG, "cpu")
     model.init_weights(seed=0)
     if recipe is not None:
         convert_to_float8(model, recipe)
         assert sum(isinstance(m, Float8Linear) for m in model.modules()) == 7 * CFG.n_layers
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    losses = []
-    for batch in synthetic_batches():
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_float8_scales(model)
-        losses.append(loss.item())
-    return losses
+    return train_steps(model)
 
 
 @pytest.fixture(scope="module")

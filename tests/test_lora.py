@@ -2,6 +2,7 @@
 optimizer state at any ZeRO stage (sharded at stage 3), parity under tp, pp, ZeRO-3 and expert
 parallelism, exact resume, init_from a base model, merged and PEFT exports, one-line config errors."""
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from angelptm.config import config_from_dict
 from angelptm.distributed.parity import relative_difference
 from angelptm.distributed.spawn import run_distributed
+from angelptm.distributed.tensor_parallel import ShardSpec
 from angelptm.errors import ConfigError, UserError
 from angelptm.finetune import lora
 from angelptm.models.hf import export_hf, hf_config_from, import_hf, state_to_hf
@@ -297,17 +299,110 @@ def test_moe_with_expert_parallelism_and_zero3_matches_the_single_process(tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------
+# Dropout: one mask per tp group, the single process's under tp, recomputed as drawn
+
+
+DROPOUT_JOB = lora_job("unused", {"dropout": 0.25}, train=PARITY_JOB["train"], model=PARITY_JOB["model"])
+
+
+def _train_recording_masks(job: dict, settings: list[list[str]], root: str) -> list[dict]:
+    """Train each layout in turn; per layout, the keep-masks each adapter dropout drew on this rank,
+    one per training forward, in order."""
+    masks = []
+    for i, overrides in enumerate(settings):
+        trainer = Trainer(config_from_dict(job, overrides + [f"train.output_dir={root}/{i}"]))
+        drawn = {}
+
+        def record(module, args, out, name):
+            drawn.setdefault(name, []).append(out != 0)
+
+        for name, module in trainer.model.named_modules():
+            if isinstance(module, lora.AdapterDropout):
+                module.register_forward_hook(functools.partial(record, name=name))
+        trainer.fit()
+        masks.append(drawn)
+    dist.destroy_process_group()
+    return masks
+
+
+def grad_norms(output_dir) -> list[float]:
+    return [json.loads(line)["grad_norm"] for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dropout_masks_are_full_width_slices_and_recomputed_alike(tmp_path, trainers):
+    whole, halves = lora.AdapterDropout(0.5), [lora.AdapterDropout(0.5, ShardSpec((4, 8), dim=1, start=r * 4, length=4))
+                                               for r in (0, 1)]
+    x = torch.ones(3, 8)
+    lora.seed_dropout(seed=0, tp=1)
+    full = whole(x)
+    sliced = []
+    for half in halves:  # each tp rank's default generator seeded alike
+        lora.seed_dropout(seed=0, tp=2)
+        sliced.append(half(x[:, :4]))
+    assert torch.equal(torch.cat(sliced, dim=1), full) and 0 < (full == 0).sum() < full.numel()
+    assert torch.equal(whole.eval()(x), x)
+    # Recomputation (torch.utils.checkpoint replays the default generator) drops what the forward
+    # dropped, at every ZeRO stage; and the dropout takes part.
+    runs = {}
+    for name, overrides in [("plain", []), ("full", ["train.activation_checkpointing=full"]),
+                            ("zero3", ["zero.stage=3", "train.activation_checkpointing=full"]),
+                            ("off", ["finetune.lora.dropout=0"])]:
+        trainers(dict(DROPOUT_JOB, train=dict(DROPOUT_JOB["train"], steps=3, output_dir=str(tmp_path / name))),
+                 *overrides).fit()
+        dist.destroy_process_group()
+        runs[name] = losses(tmp_path / name)
+    assert runs["plain"] == runs["full"] == runs["zero3"], runs
+    assert runs["plain"][1:] != runs["off"][1:]
+
+
+@pytest.mark.slow
+def test_dropout_under_tp2_matches_the_single_process_and_dp_ranks_draw_apart(tmp_path):
+    """A tp pair draws the single process's masks, bit for bit, at every forward (column-parallel
+    inputs whole on both ranks, row-parallel ones each rank's slice of the columns), and so trains
+    as it does; a dp pair draws masks of its own."""
+    single, = run_distributed(_train_recording_masks, 1, DROPOUT_JOB, [[]], str(tmp_path / "one"), init_group=False)[0]
+    tp_ranks, dp_ranks = zip(*run_distributed(_train_recording_masks, 2, DROPOUT_JOB,
+                                              [["parallel.tp=2"], ["parallel.dp=2"]], str(tmp_path / "two"),
+                                              init_group=False))
+    assert single.keys() == tp_ranks[0].keys() == tp_ranks[1].keys() and len(single) == 2 * len(ALL_TARGETS)
+    for name, masks in single.items():
+        assert len(masks) == 5 * 2 == len(tp_ranks[0][name])  # steps × microbatches
+        for drawn, on_0, on_1 in zip(masks, tp_ranks[0][name], tp_ranks[1][name]):
+            if name.endswith(("wo.lora_dropout", "w2.lora_dropout")):
+                assert torch.equal(torch.cat([on_0, on_1], dim=-1), drawn), name
+            else:
+                assert torch.equal(on_0, drawn) and torch.equal(on_1, drawn), name
+        assert not torch.equal(dp_ranks[0][name][0], dp_ranks[1][name][0]), name
+    reference, run = tmp_path / "one" / "0", tmp_path / "two" / "0"
+    loss_diff = max(abs(a - b) / b for a, b in zip(losses(run), losses(reference)))
+    norm_diff = max(abs(a - b) / b for a, b in zip(grad_norms(run), grad_norms(reference)))
+    reference_adapters = lora.read_adapters(ckpt.resolve_checkpoint(reference))
+    adapters = lora.read_adapters(ckpt.resolve_checkpoint(run))
+    weight_diff = max(relative_difference(adapters[n], ref) for n, ref in reference_adapters.items())
+    print(f"tp2 dropout 0.25: max rel loss diff {loss_diff:.2e}, grad norm diff {norm_diff:.2e}, "
+          f"adapter diff {weight_diff:.2e}")
+    assert loss_diff < 1e-5 and norm_diff < 1e-5
+    # AdamW's first step moves an element by lr · g / (|g| + eps): where this draw leaves a gradient
+    # element near eps (1e-8), the layouts' rounding of it moves that element by up to ~5e-4 of lr
+    # 1e-2 (a relative 3e-3 of its adapter after one step); the losses and gradients above hold the
+    # computation itself to 1e-5.
+    assert weight_diff < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints
 
 
 def test_resume_continues_exactly(tmp_path, trainers):
-    whole = trainers(lora_job(tmp_path / "whole", train={"steps": 4}))
+    """Dropout on: the checkpoint's generator state gives the resumed run the masks the whole run drew."""
+    dropout = {"dropout": 0.1}
+    whole = trainers(lora_job(tmp_path / "whole", dropout, train={"steps": 4}))
     whole.fit()
     whole_adapters = lora.read_adapters(ckpt.resolve_checkpoint(tmp_path / "whole"))
     dist.destroy_process_group()
-    trainers(lora_job(tmp_path / "cut", train={"steps": 4})).fit(until=2)
+    trainers(lora_job(tmp_path / "cut", dropout, train={"steps": 4})).fit(until=2)
     dist.destroy_process_group()
-    resumed = trainers(lora_job(tmp_path / "cut", train={"steps": 4, "resume": "auto"}))
+    resumed = trainers(lora_job(tmp_path / "cut", dropout, train={"steps": 4, "resume": "auto"}))
     assert resumed.step == 2
     resumed.fit()
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")

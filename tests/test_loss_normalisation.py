@@ -80,7 +80,7 @@ def run_with_sampler(sampler_class: type, runs: list[list[str]], world_size: int
             results.append(LayoutRun([r["loss"] for r in records], [r["grad_norm"] for r in records],
                                      [loss for loss, _, _ in ranks],
                                      {name: p.detach() for name, p in model.named_parameters()},
-                                     ranks[0][1], [ranks[0][2]]))
+                                     ranks[0][1], [ranks[0][2]], records))
     return results
 
 

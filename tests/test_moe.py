@@ -10,22 +10,26 @@ import torch
 import torch.nn.functional as F
 
 from angelptm.config import MoEConfig, config_from_dict
+from angelptm.distributed.collectives import Group
 from angelptm.errors import ConfigError
 from angelptm.models.llama import FeedForward, build_llama, num_params
 from angelptm.models.moe import (
-    MoE, MoEStepStats, Router, expert_capacity, grouped_linear, grouped_mm_works, load_balancing_loss,
+    MoE, Router, RoutingTotals, expert_capacity, grouped_linear, grouped_mm_works, load_balancing_loss,
     looped_linear, sort_by_expert, z_loss,
 )
+from angelptm.train.routing_stats import MoEStepStats
 
 from conftest import one_line, tiny_sections
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIM, FFN = 16, 32
+SOLO = Group("solo", None, 0, 1)  # one process: no data ranks or stages to sum over
 
 
 def moe_layer(seed=0, shared=False, **options) -> MoE:
-    cfg = MoEConfig(**{"n_experts": 4, "top_k": 2, "expert_ffn_dim": FFN, **options})
+    # No routing losses unless asked: their gradient joins the output's, which the references lack.
+    cfg = MoEConfig(**{"n_experts": 4, "top_k": 2, "expert_ffn_dim": FFN, "aux_loss_coef": 0.0, **options})
     torch.manual_seed(seed)
     layer = MoE(DIM, cfg, FeedForward(DIM, 2 * FFN) if shared else None)
     with torch.no_grad():
@@ -92,29 +96,41 @@ def test_softmax_router_and_losses_match_hand_computed_values():
     probs = [[e**2 / sums[0], 1 / sums[0], e / sums[0]], [1 / sums[1], e / sums[1], e**0.5 / sums[1]]]
     mean_prob = [(probs[0][i] + probs[1][i]) / 2 for i in range(3)]
     fraction = [1 / 4, 1 / 4, 2 / 4]  # of the 4 token copies: expert 0 one, expert 1 one, expert 2 two
-    routed = torch.bincount(routing.experts.flatten(), minlength=3)
-    balance = load_balancing_loss(routing.experts, routing.probs, routed)
+    totals = totals_of(routing)
+    balance = load_balancing_loss(totals, top_k=2)
     assert balance.item() == pytest.approx(3 * sum(f * p for f, p in zip(fraction, mean_prob)), rel=1e-6)
-    assert z_loss(routing.logits).item() == pytest.approx((math.log(sums[0]) ** 2 + math.log(sums[1]) ** 2) / 2, rel=1e-6)
+    assert z_loss(totals).item() == pytest.approx((math.log(sums[0]) ** 2 + math.log(sums[1]) ** 2) / 2, rel=1e-6)
+
+
+def totals_of(routing) -> RoutingTotals:
+    return RoutingTotals(torch.bincount(routing.experts.flatten(), minlength=routing.probs.shape[1]),
+                         routing.probs.sum(0), routing.logits.logsumexp(-1).square().sum(),
+                         torch.tensor(routing.probs.shape[0]))
 
 
 def test_balanced_routing_has_balancing_loss_one():
-    experts = torch.tensor([[0, 1], [2, 3]])
-    probs = torch.full((2, 4), 0.25)
-    assert load_balancing_loss(experts, probs, torch.ones(4, dtype=torch.long)).item() == pytest.approx(1.0)
+    totals = RoutingTotals(torch.ones(4), torch.full((4,), 0.5), torch.zeros(()), torch.tensor(2))
+    assert load_balancing_loss(totals, top_k=2).item() == pytest.approx(1.0)
 
 
-def test_layer_keeps_its_weighted_aux_and_z_losses():
+def test_layer_keeps_its_weighted_aux_and_z_losses_and_trains_the_router_on_them():
     layer = moe_layer(aux_loss_coef=0.5, z_loss_coef=0.1)
+    layer.aux_loss_scale = 0.25
     x = torch.randn(3, 5, DIM)
-    layer(x)
+    out = layer(x)
     routing = layer.router(x.reshape(-1, DIM))
-    routed = torch.bincount(routing.experts.flatten(), minlength=4)
-    expected = 0.5 * load_balancing_loss(routing.experts, routing.probs, routed) + 0.1 * z_loss(routing.logits)
+    totals = totals_of(routing)
+    expected = 0.5 * load_balancing_loss(totals, 2) + 0.1 * z_loss(totals)
     stats = layer.last_routing
-    torch.testing.assert_close(stats.aux_loss, expected)
-    assert stats.tokens_per_expert.tolist() == routed.tolist() and stats.dropped.item() == 0
-    assert stats.aux_loss.requires_grad  # the router trains on it
+    torch.testing.assert_close(stats.aux_loss, expected.detach())
+    assert stats.tokens_per_expert.tolist() == totals.routed.tolist() and stats.dropped.item() == 0
+    # Backward of the output alone gives the router the gradient of output + scale · aux loss.
+    out.sum().backward()
+    ours = layer.router.weight.grad.clone()
+    layer.zero_grad()
+    layer.aux_loss_scale = 0.0
+    (layer(x).sum() + 0.25 * expected).backward()
+    torch.testing.assert_close(ours, layer.router.weight.grad)
 
 
 def test_single_expert_gate_is_its_raw_probability():
@@ -148,14 +164,14 @@ def test_aux_free_bias_moves_toward_balance():
     loads = []
     for _ in range(40):
         layer(x)
-        stats.add_microbatch()
-        loads.append(stats.finish_step(lambda t: t, update_bias=True)["moe_max_load"])
+        stats.record(layer)
+        loads.append(stats.finish_step(SOLO, SOLO, update_bias=True)["moe_max_load"])
     assert loads[0] > 1.8 and loads[-1] < 1.3, loads
     assert layer.router.expert_bias[0] < 0 and layer.router.expert_bias[1:].max() > 0
     before = layer.router.expert_bias.clone()
     layer(x)
-    stats.add_microbatch()
-    stats.finish_step(lambda t: t, update_bias=False)  # a skipped step leaves the biases alone
+    stats.record(layer)
+    stats.finish_step(SOLO, SOLO, update_bias=False)  # a skipped step leaves the biases alone
     assert torch.equal(layer.router.expert_bias, before)
 
 
@@ -239,6 +255,26 @@ def test_fallback_matches_grouped_mm_forward_and_backward():
     for ours, reference in zip(*results):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     assert torch.all(results[0][2][1] == 0)  # the empty group's weight has no gradient
+
+
+def test_compiled_layer_gives_the_eager_gradients_routing_losses_included():
+    # Compiled, then recompiled with a sum over token shards (run outside the graph, as the
+    # collectives are): the routing losses' gradient must survive both (the output's is zeroed
+    # to leave theirs alone).
+    layer = moe_layer(aux_loss_coef=0.5, z_loss_coef=0.1)
+    x = torch.randn(2, 8, DIM)
+    compiled = torch.compile(layer.forward)
+
+    def router_grad(forward):
+        layer.zero_grad()
+        (forward(x) * 0).sum().backward()
+        return layer.router.weight.grad.clone()
+
+    for shards in (None, torch.compiler.disable(lambda t: t * 1.0)):
+        layer.sum_over_token_shards = shards
+        eager = router_grad(layer.forward)
+        assert eager.abs().max() > 0
+        torch.testing.assert_close(router_grad(compiled), eager, rtol=1e-5, atol=1e-6)
 
 
 def test_layer_under_bfloat16_autocast_tracks_float32():
@@ -347,11 +383,9 @@ def test_data_parallel_moe_matches_single_process():
     ("model.moe.first_dense_layers=2", "model.moe.first_dense_layers=2"),
     ("model.moe.aux_loss_coef=-1", "model.moe.aux_loss_coef"),
     ("model.moe.balance=aux_fre", "did you mean aux_free"),
-    ("parallel.tp=2", "model.moe with parallel.tp > 1 is not supported yet"),
-    ("parallel.pp=2", "model.moe with parallel.pp > 1 is not supported yet"),
-    ("parallel.cp=2", "model.moe with parallel.cp > 1 is not supported yet"),
+    ("parallel.tp=2 model.moe.capacity_factor=1.5", "split them; set model.moe.capacity_factor=null"),
 ])
 def test_bad_moe_config_is_a_one_line_error(tmp_path, setting, key):
     with pytest.raises(ConfigError) as excinfo:
-        config_from_dict(moe_sections(tmp_path), [setting])
+        config_from_dict(moe_sections(tmp_path), setting.split())
     assert key in one_line(str(excinfo.value))

@@ -3,7 +3,7 @@ document): attention never crosses a document, so the loss of a packed batch is 
 of its documents run one at a time; the varlen ring and Ulysses attend as the masked full sequence,
 also where a whole block is another document's; and a packed run trained by the real Trainer matches
 the single process under dp, tp + sequence parallel, every pipeline schedule, cp ring and Ulysses,
-activation checkpointing, compile and FP8."""
+tp × cp and pp × cp on four ranks, activation checkpointing, compile and FP8."""
 
 from __future__ import annotations
 
@@ -191,6 +191,16 @@ def assert_packed_runs_match(reference, layouts, world_size):
 @pytest.mark.slow
 def test_packed_runs_match_the_single_process_in_every_layout(single_process):
     assert_packed_runs_match(single_process[0], LAYOUTS, 2)
+
+
+@pytest.mark.slow
+def test_packed_runs_match_the_single_process_on_four_ranks(single_process):
+    """Two of the splits at once: the varlen ring over tp's heads (with sequence parallelism),
+    and pipeline stages exchanging cp shards of packed rows, by ring and by Ulysses."""
+    layouts = [["parallel.tp=2", "parallel.cp=2"],
+               ["parallel.pp=2", "parallel.cp=2", "parallel.pp_schedule=1f1b"],
+               ["parallel.pp=2", "parallel.cp=2", "parallel.cp_mode=ulysses", "parallel.pp_schedule=1f1b"]]
+    assert_packed_runs_match(single_process[0], layouts, 4)
 
 
 @pytest.mark.slow

@@ -295,9 +295,11 @@ def test_activation_bytes_match_saved_tensors(dtype, model):
     assert predicted == pytest.approx(measured, rel=0.10)
     # Closer than the bound: only RoPE's fp32 cos/sin tables and the loss's scalar are left out,
     # and per MoE block its tensors of n_experts elements: the grouped GEMM's int32 group offsets,
-    # the balancing loss's fp32 fractions, in bf16 the router's fp32 copy of its (n_experts, dim) weight.
+    # the balancing loss's fp32 fractions, in bf16 the router's fp32 copy of its (n_experts, dim)
+    # weight; and each routing loss's fp32 token count, which divides its sum.
     rope_tables = 2 * cfg.train.seq_len * cfg.model.resolved_head_dim * 4
     moe = cfg.model.moe
     balancing = moe.balance == "aux_loss" and moe.aux_loss_coef > 0
-    per_moe_block = moe.n_experts * 4 * (1 + balancing + (cfg.model.dim if dtype != "float32" else 0))
+    losses = balancing + (moe.z_loss_coef > 0)
+    per_moe_block = moe.n_experts * 4 * (1 + balancing + (cfg.model.dim if dtype != "float32" else 0)) + 4 * losses
     assert predicted + rope_tables + 4 + model_shape(cfg.model).moe_layers * per_moe_block == measured

@@ -88,6 +88,19 @@ def test_rank_params_hold_n_experts_over_ep(model, ep):
     assert rank_params(model_shape(cfg.model), _layout(dp=4, ep=ep), "first") == real
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("model", VARIANTS)
+def test_rank_params_under_tp_equal_the_tensor_parallel_model(model, tp):
+    # The router and the routed experts whole on every tp rank, the shared experts split.
+    from angelptm.distributed.collectives import Group
+    from angelptm.distributed.tensor_parallel import apply_tensor_parallel
+
+    cfg = _cfg({**model, "ffn_dim": 256})
+    real = build_llama(cfg.model, "meta")
+    apply_tensor_parallel(real, Group("tp", None, 0, tp), sequence_parallel=True)
+    assert rank_params(model_shape(cfg.model), _layout(tp=tp), "first") == sum(p.numel() for p in real.parameters())
+
+
 def _expert_parallel_meta_model(cfg, ep):
     """The plain model as expert parallelism leaves it on one rank: n_experts / ep experts in each
     stacked weight (angelptm.distributed.expert_parallel slices dim 0)."""
@@ -228,7 +241,7 @@ def test_impossible_expert_layouts_are_reported():
     hw = BUILTIN["h100"]
     assert any("does not divide model.moe.n_experts=8" in r for r in layout_problems(m, _layout(dp=12, ep=3), cfg, hw))
     assert any("does not divide dp·cp = 4" in r for r in layout_problems(m, _layout(dp=4, ep=8), cfg, hw))
-    assert any("tp=2 is not built yet" in r for r in layout_problems(m, _layout(dp=4, tp=2), cfg, hw))
+    assert not layout_problems(m, _layout(dp=4, tp=2, pp=2, ep=4), cfg, hw)  # MoE composes with tp and pp
     result = plan(cfg, 4, "h100")  # dp auto = 4 under the config's ep=8
     assert not result.valid and "INVALID" in render(result, cfg)
     dense = load_config(REPO / "configs" / "llama7b_8gpu.yaml")
@@ -252,7 +265,7 @@ def test_cli_prints_the_expert_layout_and_all_to_all(capsys):
 
 @pytest.mark.parametrize("args,needle", [
     (["--set", "parallel.ep=3"], "parallel.ep=3"),
-    (["--set", "parallel.tp=2"], "parallel.tp"),
+    (["--set", "parallel.tp=2", "--set", "model.moe.capacity_factor=1.25"], "model.moe.capacity_factor=1.25"),
     (["--set", "model.arch=gpt"], "model.arch=llama"),
     (["--gpu", "BAD_PROFILE"], "grouped_gemm_efficiency"),
 ])

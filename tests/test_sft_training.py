@@ -1,7 +1,7 @@
 """SFT end to end, from the config alone: `prepare --sft` data trained with data.format=sft (padded or
-packed) gives the single process's losses in every layout; and a Hugging Face model imported,
-fine-tuned on chat data and exported is loaded by transformers, whose loss on an SFT sample
-(labels on the assistant tokens) equals ours."""
+packed) gives the single process's losses in every layout, tp × cp and pp × cp on four ranks
+included; and a Hugging Face model imported, fine-tuned on chat data and exported is loaded by
+transformers, whose loss on an SFT sample (labels on the assistant tokens) equals ours."""
 
 import json
 
@@ -61,6 +61,17 @@ def test_packed_sft_matches_the_single_process_in_every_layout(byte_sft):
         loss_diff, weight_diff = compare(result, reference)
         assert loss_diff < TOLERANCE and weight_diff < TOLERANCE, (layout, loss_diff, weight_diff)
     assert reference.losses[-1] < reference.losses[0]
+
+
+@pytest.mark.slow
+def test_packed_sft_matches_the_single_process_on_four_ranks(byte_sft):
+    job = sft_job(byte_sft, pack=True)
+    reference = run_layout(job=job)
+    layouts = [{"tp": 2, "cp": 2}, {"pp": 2, "cp": 2}, {"pp": 2, "cp": 2, "cp_mode": "ulysses"}]
+    for layout, result in zip(layouts, run_layouts(layouts, world_size=4, job=job)):
+        loss_diff, weight_diff = compare(result, reference)
+        print(layout, f"loss {loss_diff:.1e} weights {weight_diff:.1e}")
+        assert loss_diff < TOLERANCE and weight_diff < TOLERANCE, (layout, loss_diff, weight_diff)
 
 
 def test_padded_sft_matches_the_single_process_under_dp_and_accumulation(byte_sft):

@@ -21,12 +21,16 @@ between; in backward the finish starts the reverse transfer and the start waits 
 autograd runs the later-created nodes first, the shared experts' backward runs in between again.
 An expert that receives no row, a rank that receives none, and any imbalance are ordinary cases.
 
+Under tensor parallelism each tp rank routes its own tokens (its sequence slice) and exchanges
+them over the ep group of its tp coordinate; the expert slices are whole on every tp rank.
+
 Bytes: every all-to-all adds to `comm_bytes()["ep"]` the bytes this rank sends to the other ranks
 (what it keeps for its own experts never leaves it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional
 
@@ -34,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from angelptm.distributed.collectives import Group, all_to_all, count_bytes
+from angelptm.distributed.collectives import Group, all_to_all, count_bytes, reduce_from_parallel
 from angelptm.distributed.tensor_parallel import ShardSpec
 from angelptm.models.moe import MoE, GroupedExperts
 
@@ -204,9 +208,31 @@ def apply_expert_parallel(model: nn.Module, ep: Group, edp: Group) -> None:
         module.experts = sliced
         local = n_experts // ep.size
         for kind in EXPERT_WEIGHTS:
-            specs[f"{name}.experts.{kind}"] = ShardSpec(tuple(getattr(experts, kind).shape), dim=0,
-                                                        start=ep.rank * local, length=local)
+            key, shape = f"{name}.experts.{kind}", tuple(getattr(experts, kind).shape)
+            # Under tp the slice is held whole by every tp rank (`tensor_parallel._shard_moe`).
+            specs[key] = dataclasses.replace(specs.get(key, ShardSpec(shape)), full_shape=shape, dim=0,
+                                             start=ep.rank * local, length=local)
     model.shard_specs = specs
+
+
+def sum_routing_over_token_shards(model: nn.Module, shards: list[Group]) -> None:
+    """Where the tokens of a microbatch are spread over ranks (the cp group's sequence chunks,
+    and under sequence parallelism the tp group's), give every MoE layer the sum of its routing
+    totals over them, so that each rank computes the routing losses of the whole microbatch (the
+    balancing loss is a product of means: no rank's own tokens give it) and the gradient of its
+    own tokens' part."""
+    groups = [group for group in shards if group.size > 1]
+    if not groups:
+        return
+
+    def total(local: torch.Tensor) -> torch.Tensor:
+        for group in groups:
+            local = reduce_from_parallel(local, group)  # backward: the identity
+        return local
+
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.sum_over_token_shards = total
 
 
 def expert_parallel_modules(model: nn.Module) -> list[ExpertParallelExperts]:

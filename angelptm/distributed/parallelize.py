@@ -23,7 +23,9 @@ from angelptm.distributed.context_parallel import (
     apply_context_parallel,
     local_positions,
 )
-from angelptm.distributed.expert_parallel import apply_expert_parallel, expert_parallel_modules
+from angelptm.distributed.expert_parallel import (
+    apply_expert_parallel, expert_parallel_modules, sum_routing_over_token_shards,
+)
 from angelptm.distributed.mesh import DATA_DIMS, dims_of, expert_view, validate_layout
 from angelptm.distributed.tensor_parallel import (
     apply_tensor_parallel,
@@ -102,7 +104,7 @@ def apply_float8(model: nn.Module, fp8: Fp8Config, tp: Group, data: Group) -> No
             return AmaxGroups()
         tp_groups = (tp.pg,) if tp.size > 1 else ()
         data_groups = (data.pg,) if fp8.recipe == "delayed" and data.size > 1 else ()
-        row_parallel = name.endswith(("attention.wo", "feed_forward.w2"))
+        row_parallel = name.endswith(("attention.wo", "feed_forward.w2", "shared_experts.w2"))
         return AmaxGroups(weight=tp_groups, input=data_groups + (tp_groups if row_parallel else ()),
                           grad_output=data_groups + (() if row_parallel else tp_groups))
 
@@ -122,10 +124,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
     experts = expert_view(mesh)
     if experts.ep.size > 1:
         apply_expert_parallel(model, experts.ep, experts.edp)
+    sum_routing_over_token_shards(model, [cp] + ([tp] if sequence_parallel else []))
     if cfg.precision.fp8.enabled:
         apply_float8(model, cfg.precision.fp8, tp, group_of(mesh, DATA_DIMS))
     if cfg.finetune.lora.rank > 0:  # after TP and FP8: adapters hook onto the projections as they end up
-        lora_adapters.apply_lora(model, cfg.finetune.lora, tp.size)
+        lora_adapters.apply_lora(model, cfg.finetune.lora, tp.size, cfg.train.seed)
     if cp.size > 1 or sequence_parallel:
         hidden_seq_shards = tp.size if sequence_parallel else 1
         model.register_forward_pre_hook(_local_positions_hook(cp, p.cp_mode, hidden_seq_shards), with_kwargs=True)
@@ -173,11 +176,13 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: DeviceMesh) -> floa
     torch's `clip_grad_norm_` does, and leaves the gradients alone when it is not finite (the
     step is skipped).
     """
-    squared = local_grad_norm_squared(model, mesh["tp"].size())
-    # ep ranks hold different experts: their squares add up over ep (edp ranks hold the same ones).
+    tp = mesh["tp"].size()
+    squared = local_grad_norm_squared(model, tp)
+    # ep ranks hold different experts: their squares add up over ep (edp ranks hold the same ones),
+    # each expert slice counted 1/tp on each of the tp ranks that hold it whole.
     expert_grads = [p.grad for m in expert_parallel_modules(model) for p in m.parameters() if p.grad is not None]
     if expert_grads:
-        own_experts = squared_l2_norm(expert_grads)
+        own_experts = squared_l2_norm(expert_grads) / tp
         squared += all_reduce(own_experts.clone(), expert_view(mesh).ep) - own_experts
     for dim in ("tp", "pp"):
         all_reduce(squared, group_of(mesh, dim))

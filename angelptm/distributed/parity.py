@@ -61,6 +61,7 @@ class LayoutRun:
     weights: dict[str, torch.Tensor]  # full final weights, read from the run's last checkpoint
     comm_bytes: dict[str, int]  # bytes rank 0 sent in the last step, per mesh dimension
     val_losses: list[float]  # the validation loss at each evaluated step (train.eval_every), as logged by rank 0
+    records: list[dict]  # every step's metrics.jsonl record, as logged by rank 0
 
 
 def _train_layouts(job: dict, layouts: list[list[str]], output_root: str) -> list[tuple]:
@@ -96,7 +97,7 @@ def run_layouts(layouts: list[dict], world_size: int, job: Optional[dict] = None
             weights = {name: p.detach() for name, p in model.named_parameters()}
             runs.append(LayoutRun([r["loss"] for r in records], [r["grad_norm"] for r in records],
                                   [loss for loss, _ in results], weights, results[0][1],
-                                  [r["val_loss"] for r in records if "val_loss" in r]))
+                                  [r["val_loss"] for r in records if "val_loss" in r], records))
     return runs
 
 

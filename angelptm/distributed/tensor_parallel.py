@@ -26,6 +26,7 @@ and gathering the full weights read it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from angelptm.distributed.collectives import (
     reduce_from_parallel,
     reduce_scatter_sequence,
 )
+from angelptm.models.moe import MoE
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,43 @@ def _leave_hook(region: Callable, group: Group) -> Callable:
     return hook
 
 
+def _shard_swiglu(ffn: nn.Module, prefix: str, specs: dict[str, ShardSpec], rank: int, tp: int) -> None:
+    """w1 and w3 column-parallel, w2 row-parallel (the communication is the caller's)."""
+    dim, hidden = ffn.w1.in_features, ffn.w1.out_features
+    cols = hidden // tp
+    ffn.w1 = _sharded_linear(ffn.w1, cols, dim)
+    ffn.w3 = _sharded_linear(ffn.w3, cols, dim)
+    ffn.w2 = _sharded_linear(ffn.w2, dim, cols)
+    for name in ("w1", "w3"):
+        specs[f"{prefix}.{name}.weight"] = _column_spec((hidden, dim), cols, rank)
+    specs[f"{prefix}.w2.weight"] = ShardSpec((dim, hidden), dim=1, start=rank * cols, length=cols)
+
+
+def _shard_moe(moe: MoE, prefix: str, specs: dict[str, ShardSpec], group: Group, sequence_parallel: bool) -> None:
+    """An MoE layer under tp: the router and the routed experts whole on every rank, the shared
+    experts split like a dense feed-forward.
+
+    The routed experts compute the tokens this rank holds: with sequence parallelism its slice of
+    the sequence, so the layer needs no tp communication and the router's and experts' gradients
+    are partial (summed over tp, as the norms'); without it, every rank routes and computes the
+    same tokens. The shared experts see the flattened tokens, so their regions gather and
+    reduce-scatter along the token dim.
+    """
+    whole = dict(copies=group.size, partial_grad=sequence_parallel)
+    for name, param in moe.named_parameters():
+        if not name.startswith("shared_experts."):
+            specs[f"{prefix}.{name}"] = ShardSpec(tuple(param.shape), **whole)
+    if moe.shared_experts is None:
+        return
+    _shard_swiglu(moe.shared_experts, f"{prefix}.shared_experts", specs, group.rank, group.size)
+    if sequence_parallel:
+        enter, leave = functools.partial(gather_sequence, dim=0), functools.partial(reduce_scatter_sequence, dim=0)
+    else:
+        enter, leave = copy_to_parallel, reduce_from_parallel
+    moe.shared_experts.register_forward_pre_hook(_enter_hook(enter, group))
+    moe.shared_experts.register_forward_hook(_leave_hook(leave, group))
+
+
 def apply_tensor_parallel(model: nn.Module, group: Group, sequence_parallel: bool) -> None:
     """Replace the model's large layers by this rank's shards and add the communication regions.
 
@@ -226,19 +265,15 @@ def apply_tensor_parallel(model: nn.Module, group: Group, sequence_parallel: boo
         if cfg.qk_norm != "none":  # whole on every rank; each rank's heads give part of its gradient
             for name in ("q_norm", "k_norm"):
                 specs[f"{prefix}.attention.{name}.weight"] = ShardSpec((hd,), copies=tp, partial_grad=True)
-        ffn_cols = cfg.ffn_dim // tp
-        ffn.w1 = _sharded_linear(ffn.w1, ffn_cols, cfg.dim)
-        ffn.w3 = _sharded_linear(ffn.w3, ffn_cols, cfg.dim)
-        ffn.w2 = _sharded_linear(ffn.w2, cfg.dim, ffn_cols)
-        for name in ("w1", "w3"):
-            specs[f"{prefix}.feed_forward.{name}.weight"] = _column_spec((cfg.ffn_dim, cfg.dim), ffn_cols, rank)
-        specs[f"{prefix}.feed_forward.w2.weight"] = ShardSpec((cfg.dim, cfg.ffn_dim), dim=1,
-                                                              start=rank * ffn_cols, length=ffn_cols)
         for norm in ("attention_norm", "ffn_norm"):
             specs[f"{prefix}.{norm}.weight"] = ShardSpec((cfg.dim,), **norm_spec)
-        for module in (attn, ffn):
+        for module in (attn, ffn) if not isinstance(ffn, MoE) else (attn,):
             module.register_forward_pre_hook(_enter_hook(enter, group))
             module.register_forward_hook(_leave_hook(leave, group))
+        if isinstance(ffn, MoE):
+            _shard_moe(ffn, f"{prefix}.feed_forward", specs, group, sequence_parallel)
+        else:
+            _shard_swiglu(ffn, f"{prefix}.feed_forward", specs, rank, tp)
 
     rows = -(-cfg.vocab_size // tp)  # the vocabulary padded to a multiple of tp, split evenly
     vocab_spec = ShardSpec((cfg.vocab_size, cfg.dim), dim=0, start=rank * rows,

@@ -18,7 +18,11 @@ rank's A gradient is the part its rows give, summed over tp. A row-parallel one 
 of the input columns) keeps A's matching columns and B whole; B(A_r x_r) is this rank's part of
 B A x, summed by the block's output reduction, and B's gradient is likewise summed over tp. The
 `ShardSpec`s in `model.shard_specs` say so, and gradient sync, clipping and checkpoints follow.
-Dropout (`finetune.lora.dropout`, off by default) draws its masks from each rank's own generator.
+
+Dropout (`finetune.lora.dropout`, off by default) must drop the same elements of an input on every
+tp rank of a group: a column-parallel input is whole on every rank, and the tp-summed gradient of
+A would otherwise mix different masks of it; a row-parallel rank's slice of the columns must be
+that slice of one mask. `AdapterDropout` does both, with the single process's masks under tp.
 
 Initial values follow PEFT: A kaiming-uniform (a = √5, i.e. U(±1/√in)), B zeros, so the model
 starts as its base. A is drawn from a generator seeded by (seed, name) over its full shape, then
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
@@ -55,6 +60,47 @@ def is_adapter(name: str) -> bool:
     return name.endswith((A_SUFFIX, B_SUFFIX))
 
 
+class AdapterDropout(nn.Module):
+    """Dropout of an adapter's input that drops the same elements on every tp rank of a group.
+
+    The mask is drawn over the *full* input width from torch's default generator of the input's
+    device; a row-parallel projection, which sees a slice of the input columns, keeps that slice
+    of the mask. `seed_dropout` seeds the default generators alike on a tp group's ranks and apart
+    on ranks with other data (dp, cp) or layers (pp); the ranks of a group then draw the same
+    shapes in the same order (angelptm draws nothing else from it) and stay in step, and under tp
+    alone draw the single process's masks. The default generator is the stream to draw from
+    because torch.utils.checkpoint replays it when it recomputes a block (recomputation drops what
+    the forward dropped) and the trainer's checkpoints save and restore it per rank (a run resumed
+    on as many ranks drops what the whole run would have).
+    A row-parallel rank draws tp times the mask it keeps: cheap beside the projection's GEMM.
+    """
+
+    def __init__(self, p: float, columns: Optional[ShardSpec] = None):
+        super().__init__()
+        self.p = p
+        self.columns = columns  # the base weight's spec when the input is a tp slice of its columns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        width = self.columns.full_shape[1] if self.columns is not None else x.shape[-1]
+        keep = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        if self.columns is not None:
+            keep = keep.narrow(-1, self.columns.start, self.columns.length)
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def seed_dropout(seed: int, tp: int) -> None:
+    """Seed torch's default generators (CPU and every device) for `AdapterDropout`: from `seed` and
+    this rank's place outside tp, global rank // tp, which names its (pp, dp, cp) coordinate
+    because the mesh puts tp innermost (distributed/mesh.py)."""
+    place = dist.get_rank() // tp if dist.is_initialized() else 0
+    torch.manual_seed(zlib.crc32(f"lora-dropout/{seed}/{place}".encode()))
+
+
 def _adapter_hook(scale: float):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return output + module.lora_B(module.lora_A(module.lora_dropout(args[0]))) * scale
@@ -70,11 +116,14 @@ def _adapter_specs(base: ShardSpec, rank: int, tp: int) -> tuple[ShardSpec, Shar
     return dataclasses.replace(base, full_shape=(rank, full_in)), ShardSpec((full_out, rank), **whole_summed)
 
 
-def apply_lora(model: nn.Module, lora: LoraConfig, tp: int = 1) -> None:
-    """Freeze every parameter of `model`, then add trainable adapters on `lora.targets` of every block.
+def apply_lora(model: nn.Module, lora: LoraConfig, tp: int = 1, seed: int = 0) -> None:
+    """Freeze every parameter of `model`, then add trainable adapters on `lora.targets` of every block;
+    with dropout, seed the streams its masks come from (`seed_dropout`, from the run's `seed`).
 
     Works on a meta-device model after tensor parallelism (`tp` ranks); `materialize` then gives
     the adapters their initial values (`initial_value`)."""
+    if lora.dropout:
+        seed_dropout(seed, tp)
     for param in model.parameters():
         param.requires_grad_(False)
     specs = getattr(model, "shard_specs", None)
@@ -83,13 +132,15 @@ def apply_lora(model: nn.Module, lora: LoraConfig, tp: int = 1) -> None:
             projection = getattr(getattr(block, _BLOCK_PART[target]), target)
             weight = projection.weight
             out_local, in_local = weight.shape
-            projection.lora_dropout = nn.Dropout(lora.dropout) if lora.dropout else nn.Identity()
+            name = f"layers.{i}.{_BLOCK_PART[target]}.{target}"
+            base = specs.get(name + ".weight") if specs is not None else None
+            sharded = base is not None and base.dim is not None
+            row_parallel = base if sharded and base.dim == 1 else None
+            projection.lora_dropout = AdapterDropout(lora.dropout, row_parallel) if lora.dropout else nn.Identity()
             projection.lora_A = nn.Linear(in_local, lora.rank, bias=False, device=weight.device, dtype=weight.dtype)
             projection.lora_B = nn.Linear(lora.rank, out_local, bias=False, device=weight.device, dtype=weight.dtype)
             projection.register_forward_hook(_adapter_hook(lora.alpha / lora.rank))
-            name = f"layers.{i}.{_BLOCK_PART[target]}.{target}"
-            base = specs.get(name + ".weight") if specs is not None else None
-            if base is not None and base.dim is not None:  # a tp-sharded projection
+            if sharded:
                 specs[name + A_SUFFIX], specs[name + B_SUFFIX] = _adapter_specs(base, lora.rank, tp)
 
 

@@ -1,9 +1,12 @@
-"""Swap a model's eligible `nn.Linear` layers for `Float8Linear`, and advance delayed scaling once per step.
+"""Swap a model's eligible `nn.Linear` layers for `Float8Linear` and give its MoE experts FP8 GEMMs,
+and advance delayed scaling once per step.
 
 Eligible: a plain `nn.Linear` whose two dimensions are multiples of 16 (what FP8 GEMMs need)
 and whose name no `skip` entry matches. The output head is skipped by default: the logits feed
 a softmax over the whole vocabulary and are where FP8 costs the most accuracy for the least
-speed. Embeddings are lookups, never converted.
+speed. Embeddings are lookups, never converted. MoE experts (`GroupedExperts`, the expert-parallel
+ones included) under the same rules get a `Float8Experts` (see `grouped.py`; delayed scaling runs
+them with current scaling); the router is not an `nn.Linear` and stays in float32.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from typing import Callable, Iterable, Union
 from torch import nn
 
 from angelptm.fp8.delayed import DelayedScale, update_delayed_scales
+from angelptm.fp8.grouped import Float8Experts
 from angelptm.fp8.linear import _ALIGN, Float8Linear
 from angelptm.fp8.scaling import AmaxGroups, Float8Recipe, recipe_from_name
+from angelptm.models.moe import GroupedExperts
 
 DEFAULT_SKIP = ("output", "embedding")
 
@@ -44,6 +49,10 @@ def convert_to_float8(model: nn.Module, recipe: str | Float8Recipe = "tensorwise
     recipe = recipe_from_name(recipe, **recipe_options)
     skip = tuple(skip)
     groups_of = amax_groups if callable(amax_groups) else (lambda name: amax_groups)
+    for name, module in model.named_modules():
+        if (isinstance(module, GroupedExperts) and module.float8 is None and not _skipped(name, skip)
+                and all(d % _ALIGN == 0 for d in module.w1.shape[1:])):
+            module.float8 = Float8Experts(recipe)
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
@@ -63,7 +72,7 @@ def update_float8_scales(model: nn.Module) -> None:
     """
     states = []
     for module in model.modules():
-        if isinstance(module, Float8Linear):
+        if isinstance(module, (Float8Linear, Float8Experts)):
             module.refresh_weight()
         elif isinstance(module, DelayedScale):
             states.append(module)

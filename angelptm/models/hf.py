@@ -1,8 +1,11 @@
 """Conversion between angelptm checkpoints and Hugging Face checkpoints (config.json + safetensors)
-of the Llama-family decoders in `angelptm.models.hf_families` (Llama, Mistral, Qwen2, Qwen3, Hunyuan dense).
+of the Llama-family decoders in `angelptm.models.hf_families` (Llama, Mistral, Qwen2, Qwen3, Hunyuan
+dense, and the MoE Mixtral, Qwen3-MoE and Hunyuan MoE).
 
 Our Llama already keeps Hugging Face's weight layout (rotate-half RoPE, the same projection
-shapes), so converting weights is a rename in each direction. What needs care is the config:
+shapes), so converting weights is a rename in each direction, except that the experts of an MoE
+layer, one tensor per expert there, are one stacked tensor per kind here (`angelptm.models.hf_moe`
+names them). What needs care is the config:
 a Hugging Face model that uses a feature our model cannot compute (a RoPE type we lack, MLP
 biases, another activation) is refused with one line instead of being imported into a model that
 computes something else. Neither direction writes anything until every input has been checked, and each
@@ -39,7 +42,8 @@ from angelptm.models.hf_families import (
     options_from_hf,
     with_defaults,
 )
-from angelptm.models.llama import build_llama
+from angelptm.models.hf_moe import expert_groups, hf_moe_config, layer_name_pairs, moe_from_hf, per_expert_form
+from angelptm.models.llama import build_llama, is_moe_layer
 from angelptm.dcp_safe import read_metadata_file
 from angelptm.train.checkpoint import (
     OWN_TOKENIZER,
@@ -61,12 +65,11 @@ _LAYER_NAMES = {
     "self_attn.k_proj": "attention.wk",
     "self_attn.v_proj": "attention.wv",
     "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1",
-    "mlp.up_proj": "feed_forward.w3",
-    "mlp.down_proj": "feed_forward.w2",
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
 }
+# The dense feed-forward's weights, in the layers without experts.
+_MLP_NAMES = {"mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2"}
 _HF_EMBEDDING, _OUR_EMBEDDING = "model.embed_tokens.weight", "tok_embeddings.weight"
 _HF_HEAD, _OUR_HEAD = "lm_head.weight", "output.weight"
 # Older checkpoints store RoPE's inverse frequencies as a buffer; we recompute them from rope_theta.
@@ -119,6 +122,8 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         "tie_embeddings": bool(hf_config.get("tie_word_embeddings", False)),
         **options_from_hf(hf_config, family, head_dim or dim // n_heads),
     }
+    if family.moe:
+        section["moe"] = moe_from_hf(hf_config, family)
     return _run_config(section).model
 
 
@@ -153,6 +158,7 @@ def hf_config_from(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32) -
         "tie_word_embeddings": model_cfg.tie_embeddings,
         "hidden_act": "silu",
         **hf_family_config(model_cfg, family),
+        **(hf_moe_config(model_cfg, family) if family.moe else {}),
         # transformers before 4.56 reads torch_dtype, later versions read dtype.
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
@@ -164,40 +170,67 @@ def hf_config_from(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32) -
 
 
 def _name_pairs(model_cfg: ModelConfig) -> list[tuple[str, str]]:
-    """(Hugging Face name, our name) of every weight, the output head last."""
+    """(Hugging Face name, our name) of every weight but the stacked experts (`_expert_groups`), the
+    output head last."""
     pairs = [(_HF_EMBEDDING, _OUR_EMBEDDING)]
     extra = attention_name_pairs(model_cfg)
     for i in range(model_cfg.n_layers):
-        pairs += [(f"model.layers.{i}.{hf}.weight", f"layers.{i}.{ours}.weight") for hf, ours in _LAYER_NAMES.items()]
+        dense = {} if is_moe_layer(model_cfg, i) else _MLP_NAMES
+        pairs += [(f"model.layers.{i}.{hf}.weight", f"layers.{i}.{ours}.weight")
+                  for hf, ours in (_LAYER_NAMES | dense).items()]
         pairs += [(f"model.layers.{i}.{hf}", f"layers.{i}.{ours}") for hf, ours in extra]
+        if not dense:
+            pairs += layer_name_pairs(family_for(model_cfg), i)
     return pairs + [("model.norm.weight", "norm.weight"), (_HF_HEAD, _OUR_HEAD)]
+
+
+def _expert_groups(model_cfg: ModelConfig) -> list[tuple[str, list[str]]]:
+    """(our stacked expert weight, the Hugging Face weights of its experts) of every MoE layer."""
+    return expert_groups(model_cfg, family_for(model_cfg)) if model_cfg.moe.n_experts else []
+
+
+def _checked(hf_name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> torch.Tensor:
+    if tuple(tensor.shape) != expected:
+        raise UserError(
+            f"{hf_name} has shape {tuple(tensor.shape)} but config.json implies {expected}; "
+            "the weights do not belong to this config.json"
+        )
+    return tensor
+
+
+def _missing(hf_name: str) -> UserError:
+    why = " (its model_type and attention_bias call for biases)" if hf_name.endswith(".bias") else ""
+    return UserError(
+        f"the Hugging Face weights lack {hf_name}; the safetensors files do not match config.json{why} "
+        "(re-save the model with save_pretrained)"
+    )
 
 
 def state_from_hf(hf_state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our model state from Hugging Face weights, dtypes kept; UserError on a missing, misshapen or extra tensor.
 
-    With tied embeddings the output head is the embedding (Hugging Face usually omits lm_head).
+    With tied embeddings the output head is the embedding (Hugging Face usually omits lm_head). An
+    MoE model's experts may also come fused, as transformers 5 holds them (`hf_moe.per_expert_form`).
     """
     expected = {name: tuple(t.shape) for name, t in build_llama(model_cfg, "meta").state_dict().items()}
+    if model_cfg.moe.n_experts:
+        hf_state = per_expert_form(hf_state, family_for(model_cfg))
     state: dict[str, torch.Tensor] = {}
     for hf_name, our_name in _name_pairs(model_cfg):
         if our_name == _OUR_HEAD and model_cfg.tie_embeddings:
             state[our_name] = state[_OUR_EMBEDDING]
             continue
         if hf_name not in hf_state:
-            why = " (its model_type and attention_bias call for biases)" if hf_name.endswith(".bias") else ""
-            raise UserError(
-                f"the Hugging Face weights lack {hf_name}; the safetensors files do not match config.json{why} "
-                "(re-save the model with save_pretrained)"
-            )
-        tensor = hf_state[hf_name]
-        if tuple(tensor.shape) != expected[our_name]:
-            raise UserError(
-                f"{hf_name} has shape {tuple(tensor.shape)} but config.json implies {expected[our_name]}; "
-                "the weights do not belong to this config.json"
-            )
-        state[our_name] = tensor
-    known = {hf for hf, _ in _name_pairs(model_cfg)}
+            raise _missing(hf_name)
+        state[our_name] = _checked(hf_name, hf_state[hf_name], expected[our_name])
+    groups = _expert_groups(model_cfg)
+    for our_name, hf_names in groups:
+        for hf_name in hf_names:
+            if hf_name not in hf_state:
+                raise _missing(hf_name)
+            _checked(hf_name, hf_state[hf_name], expected[our_name][1:])
+        state[our_name] = torch.stack([hf_state[hf_name] for hf_name in hf_names])
+    known = {hf for hf, _ in _name_pairs(model_cfg)} | {hf for _, names in groups for hf in names}
     extra = sorted(n for n in hf_state if n not in known and not n.endswith(_IGNORED_HF_SUFFIX))
     if extra:
         raise UserError(
@@ -208,12 +241,16 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> 
 
 
 def state_to_hf(our_state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face weights from our model state; with tied embeddings lm_head is left out, as transformers does."""
-    return {
+    """Hugging Face weights from our model state; with tied embeddings lm_head is left out, as transformers does.
+    Stacked experts are written one tensor per expert (views of ours), as save_pretrained writes them."""
+    hf_state = {
         hf_name: our_state[our_name]
         for hf_name, our_name in _name_pairs(model_cfg)
         if not (our_name == _OUR_HEAD and model_cfg.tie_embeddings)
     }
+    for our_name, hf_names in _expert_groups(model_cfg):
+        hf_state.update(zip(hf_names, our_state[our_name].unbind(0)))
+    return hf_state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,16 +403,13 @@ def export_hf(
     saved = checkpoint_config(ckpt_dir).model
     if saved.arch != "llama":
         raise UserError(f"checkpoint {ckpt_dir} holds a model.arch={saved.arch} model; only llama models export to Hugging Face")
-    if saved.moe.n_experts:
-        raise UserError(f"checkpoint {ckpt_dir} holds an MoE model (model.moe.n_experts={saved.moe.n_experts}); export of "
-                        "MoE models to Hugging Face is not available yet, only dense ones export")
+    dtypes = _stored_dtypes(ckpt_dir)
+    hf_config = hf_config_from(saved, dtypes[_OUR_EMBEDDING])  # refuses a model no family computes, before loading it
     cfg, model = load_merged_model(ckpt_dir, "cpu")
     tokenizer = load_tokenizer(cfg.data.tokenizer, f"{ckpt_dir}'s data.tokenizer")
-    dtypes = _stored_dtypes(ckpt_dir)
     if cfg.model.tie_embeddings:  # the head is the embedding, stored once under the embedding's name
         dtypes[_OUR_HEAD] = dtypes[_OUR_EMBEDDING]
     our_state = {name: t.detach().to(dtypes[name]).contiguous() for name, t in model.state_dict().items()}
-    hf_config = hf_config_from(cfg.model, our_state[_OUR_EMBEDDING].dtype)
     hf_state = state_to_hf(our_state, cfg.model)
     tmp = out_dir.with_name(f".tmp_{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)

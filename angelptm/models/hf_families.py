@@ -1,6 +1,7 @@
 """The Hugging Face decoder families angelptm converts, and what each one's config.json means in our options.
 
-All of them are our one Llama-family decoder with options (`angelptm.models.llama`):
+All of them are our one Llama-family decoder with options (`angelptm.models.llama`), the MoE ones
+with `model.moe` experts in place of the dense feed-forward (`angelptm.models.hf_moe`):
 
     llama              attention_bias: q/k/v and o biases; rope_scaling llama3, linear, dynamic
     mistral            sliding_window (null: plain Llama)
@@ -9,10 +10,17 @@ All of them are our one Llama-family decoder with options (`angelptm.models.llam
                        head_dim apart from hidden_size / heads (128 where config.json omits it)
     hunyuan_v1_dense   a per-head RMSNorm of q and k after RoPE (query_layernorm, key_layernorm);
                        attention_bias; its NTK-alpha RoPE, a fixed stretch of the base
+    mixtral            Mistral's attention, experts in every layer
+    qwen3_moe          Qwen3's attention, experts in the layers after its mlp_only_layers
+    hunyuan_v1_moe     Hunyuan dense's attention, experts and one shared expert in every layer
+
+Qwen2-MoE is refused: its shared expert's output is scaled by a per-token sigmoid gate, which our MoE
+layer does not compute.
 
 `options_from_hf` reads a config.json into the model-section keys these options are, refusing in
 one line a feature our model cannot compute; `family_for` picks the family an export is written
-as, from the options alone (a Mistral model without a window exports as the Llama it equals).
+as, from the options alone (a Mistral model without a window exports as the Llama it equals, an MoE
+model as the MoE family of its attention).
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ class Family:
     qkv_bias: Optional[bool] = None  # fixed by the architecture; None: config.json's attention_bias
     o_bias: Optional[bool] = None
     sliding_window: bool = False  # whether config.json's sliding_window is in force
+    ntk_alpha_rope: bool = False  # whether rope type dynamic with an alpha is Hunyuan's fixed stretch of the base
+    moe: bool = False  # whether its layers hold experts (`angelptm.models.hf_moe` reads and writes them)
     defaults: tuple[tuple[str, Any], ...] = ()  # the config class's values for keys config.json may omit
 
 
@@ -45,12 +55,30 @@ FAMILIES = {family.model_type: family for family in (
     Family("qwen3", "Qwen3ForCausalLM", qk_norm="before_rope", qk_norm_names=("self_attn.q_norm", "self_attn.k_norm"),
            defaults=(("head_dim", 128),)),
     Family("hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM", qk_norm="after_rope",
-           qk_norm_names=("self_attn.query_layernorm", "self_attn.key_layernorm"), defaults=(("rms_norm_eps", 1e-5),)),
+           qk_norm_names=("self_attn.query_layernorm", "self_attn.key_layernorm"), ntk_alpha_rope=True,
+           defaults=(("rms_norm_eps", 1e-5),)),
+    Family("mixtral", "MixtralForCausalLM", qkv_bias=False, o_bias=False, sliding_window=True, moe=True,
+           defaults=(("rms_norm_eps", 1e-5), ("rope_theta", 1e6))),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm="before_rope",
+           qk_norm_names=("self_attn.q_norm", "self_attn.k_norm"), moe=True,
+           defaults=(("norm_topk_prob", False), ("decoder_sparse_step", 1))),
+    Family("hunyuan_v1_moe", "HunYuanMoEV1ForCausalLM", qk_norm="after_rope",
+           qk_norm_names=("self_attn.query_layernorm", "self_attn.key_layernorm"), ntk_alpha_rope=True, moe=True,
+           defaults=(("rms_norm_eps", 1e-5),)),
 )}
+# The MoE family whose attention is each dense family's: where an MoE model with its options exports.
+_MOE_FAMILY_OF = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "hunyuan_v1_dense": "hunyuan_v1_moe"}
+# Families transformers has that we recognise and refuse, with the reason.
+_REFUSED = {
+    "qwen2_moe": "its shared expert's output is scaled by a per-token sigmoid gate (shared_expert_gate), which "
+                 "angelptm's MoE layer does not compute; import a Mixtral, Qwen3-MoE or Hunyuan MoE model",
+}
 
 
 def family_of(hf: dict[str, Any]) -> Family:
     """The family of a config.json, or UserError naming its model_type."""
+    if hf.get("model_type") in _REFUSED:
+        raise UserError(f"model_type={hf['model_type']} is not imported: {_REFUSED[hf['model_type']]}")
     family = FAMILIES.get(hf.get("model_type"))
     if family is None:
         raise UserError(
@@ -88,7 +116,7 @@ def _rope(hf: dict[str, Any], family: Family, head_dim: int) -> dict[str, Any]:
                         "import a model with partial_rotary_factor 1")
     if rope_type == "default":
         return {"rope_theta": theta, "rope_scaling": None}
-    if family.model_type == "hunyuan_v1_dense" and rope_type == "dynamic" and spec.get("alpha"):
+    if family.ntk_alpha_rope and rope_type == "dynamic" and spec.get("alpha"):
         # Hunyuan's NTK-alpha RoPE stretches the base once, whatever the sequence length.
         return {"rope_theta": theta * spec["alpha"] ** (head_dim / (head_dim - 2)), "rope_scaling": None}
     needs = {"linear": ("factor",), "dynamic": ("factor",),
@@ -138,11 +166,17 @@ def family_for(cfg: ModelConfig) -> Family:
         family, ok = FAMILIES["qwen2"], True
     else:
         family, ok = FAMILIES["llama"], same_bias
+    moe = cfg.moe.n_experts > 0
+    if ok and moe:
+        family = FAMILIES.get(_MOE_FAMILY_OF.get(family.model_type, ""))
+        ok = family is not None and all(fixed is None or fixed == ours for fixed, ours in
+                                        ((family.qkv_bias, cfg.qkv_bias), (family.o_bias, cfg.o_bias)))
     if not ok:
         options = {k: v for k, v in dataclasses.asdict(cfg).items()
                    if k in ("qkv_bias", "o_bias", "qk_norm", "sliding_window")}
-        raise UserError(f"no Hugging Face family computes model {options}; export a model whose options one of "
-                        f"{', '.join(FAMILIES)} has")
+        candidates = [f.model_type for f in FAMILIES.values() if f.moe == moe]
+        raise UserError(f"no Hugging Face {'MoE ' if moe else ''}family computes model {options}; export a model "
+                        f"whose options one of {', '.join(candidates)} has")
     return family
 
 
@@ -153,7 +187,7 @@ def hf_family_config(cfg: ModelConfig, family: Family) -> dict[str, Any]:
         keys["attention_bias"] = cfg.qkv_bias
     if family.sliding_window:
         keys["sliding_window"] = cfg.sliding_window
-    if family.model_type in ("qwen2", "qwen3"):
+    if family.model_type in ("qwen2", "qwen3", "qwen3_moe"):
         keys["use_sliding_window"] = False
     return keys
 

@@ -14,8 +14,10 @@ rows and the count per expert, and the shared experts' work to run meanwhile (he
 `angelptm.distributed.expert_parallel` swaps in a module that sends the rows to the ranks holding
 their experts and runs the shared experts while they travel).
 
-Each forward leaves its `RoutingStats` in `last_routing`; `MoEStepStats` collects them over a
-training step for the loss, the metrics and the auxiliary-loss-free bias update.
+Each forward leaves its `RoutingStats` in `last_routing`; `angelptm.train.routing_stats` collects
+them over a training step for the metrics and the auxiliary-loss-free bias update. The routing
+losses join backward through the layer's output (`_AuxLossGradient`), so they train the router on
+whichever pipeline stage the layer runs.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ GROUPED_MM_ALIGN_BYTES = 16  # the CUDA grouped GEMM wants every row of its oper
 # Grouped GEMM: rows of x in contiguous groups, group g multiplied by weight[g]
 
 
+# Run eagerly inside compiled blocks: the kernel's compile-time shape check accepts bf16 alone,
+# whatever the device's eager kernel takes.
+@torch.compiler.disable
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     """(N, in) rows in groups, group g ending at row group_ends[g], times weight[g].T of (G, out, in):
     (N, out), as one `torch._grouped_mm`. Stored as nn.Linear's (out, in), the transposed view is
@@ -102,7 +107,8 @@ class GroupedExperts(nn.Module):
     The rows of the input come sorted by expert; `tokens_per_expert[e]` of them go to expert e
     (zero is fine). `meanwhile`, if given, is other work of the layer (the shared experts) whose
     result is returned beside the experts' output. Set `allow_grouped_mm` False to force the
-    per-expert matmuls.
+    per-expert matmuls. `float8`, set by `angelptm.fp8.convert_to_float8` (None: full precision),
+    runs the three GEMMs in FP8 (`angelptm.fp8.grouped.Float8Experts`).
     """
 
     def __init__(self, n_experts: int, dim: int, hidden: int):
@@ -111,6 +117,7 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.allow_grouped_mm = True
+        self.float8: Optional[nn.Module] = None
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
                 meanwhile: Optional[Callable[[], torch.Tensor]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -118,6 +125,10 @@ class GroupedExperts(nn.Module):
 
     def compute(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Every expert's SwiGLU over its run of the rows."""
+        if self.float8 is not None:  # FP8 casts the weights from their own dtype, whatever autocast says
+            sizes = tokens_per_expert.tolist()
+            fp8 = lambda rows, name: self.float8.linear(rows, getattr(self, name), name, sizes)  # noqa: E731
+            return fp8(F.silu(fp8(x, "w1")) * fp8(x, "w3"), "w2")
         w1, w2, w3 = self.w1, self.w2, self.w3
         if torch.is_autocast_enabled(x.device.type):
             # Autocast does not cast for the grouped GEMM; do what it does for nn.Linear.
@@ -256,24 +267,59 @@ def combine(expert_out: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor) 
 
 @dataclass
 class RoutingStats:
-    """What one forward of an MoE layer leaves for the trainer."""
+    """What one forward of an MoE layer leaves for the trainer (`angelptm.train.routing_stats`)."""
 
-    aux_loss: torch.Tensor  # differentiable scalar: the balancing loss and z-loss, coefficients applied
+    aux_loss: torch.Tensor  # scalar, detached: the balancing loss and z-loss, coefficients applied
     tokens_per_expert: torch.Tensor  # (n_experts,) token copies the router sent to each expert
     dropped: torch.Tensor  # scalar: copies dropped over capacity
 
 
-def load_balancing_loss(experts: torch.Tensor, probs: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+@dataclass
+class RoutingTotals:
+    """Sums over the tokens of a microbatch, which the routing losses are functions of."""
+
+    routed: torch.Tensor  # (n_experts,) token copies routed to each expert (no gradient)
+    prob_sums: torch.Tensor  # (n_experts,) the sum over tokens of each expert's router probability
+    lse_squares: torch.Tensor  # the sum over tokens of logsumexp(router logits)²
+    tokens: torch.Tensor  # how many tokens
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([self.routed.double(), self.prob_sums.double(),
+                          self.lse_squares.double().view(1), self.tokens.double().view(1)])
+
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor) -> "RoutingTotals":
+        n_experts = (flat.numel() - 2) // 2
+        routed, prob_sums, rest = flat.split([n_experts, n_experts, 2])
+        return cls(routed.detach(), prob_sums.float(), rest[0].float(), rest[1].detach())
+
+
+def load_balancing_loss(totals: RoutingTotals, top_k: int) -> torch.Tensor:
     """Switch / Mixtral: E · sum_i f_i · P_i, f_i the fraction of the token copies routed to expert
     i (counts, no gradient), P_i the mean router probability of expert i; 1 when balanced."""
-    n_experts = probs.shape[-1]
-    fraction = tokens_per_expert.to(probs.dtype) / experts.numel()
-    return n_experts * (fraction * probs.mean(dim=0)).sum()
+    fraction = totals.routed.float() / (totals.tokens.float() * top_k)
+    return totals.routed.numel() * (fraction * totals.prob_sums / totals.tokens.float()).sum()
 
 
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
+def z_loss(totals: RoutingTotals) -> torch.Tensor:
     """ST-MoE's router z-loss: the mean over tokens of logsumexp(logits)², which keeps logits small."""
-    return logits.logsumexp(dim=-1).square().mean()
+    return totals.lse_squares / totals.tokens.float()
+
+
+class _AuxLossGradient(torch.autograd.Function):
+    """The identity on the layer's output whose backward also starts the auxiliary loss's
+    backward, with gradient `scale`. The loss then trains the router wherever the layer runs (any
+    pipeline stage, inside recomputation) without travelling to the language-model loss."""
+
+    @staticmethod
+    def forward(ctx, out, aux_loss, scale):
+        ctx.scale, ctx.aux = scale, (aux_loss.dtype, aux_loss.device)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dtype, device = ctx.aux
+        return grad, torch.tensor(ctx.scale, dtype=dtype, device=device), None
 
 
 class MoE(nn.Module):
@@ -281,6 +327,13 @@ class MoE(nn.Module):
     through (any module of x, e.g. a dense SwiGLU of n_shared_experts · expert_ffn_dim).
 
     Dropless unless `cfg.capacity_factor` is set (see `sort_by_expert` for which copies drop).
+
+    The routing losses are functions of sums over the microbatch's tokens (`RoutingTotals`). Where
+    other ranks hold the rest of those tokens (sequence shards), `sum_over_token_shards` is set to
+    a differentiable sum over them whose backward is the identity, so every rank computes the
+    losses of the whole microbatch and the gradient of its own tokens. In training the losses
+    reach backward through the output, times `aux_loss_scale` (what the trainer scales the
+    language-model loss of one microbatch by).
     """
 
     def __init__(self, dim: int, cfg: MoEConfig, shared_experts: Optional[nn.Module] = None):
@@ -289,6 +342,8 @@ class MoE(nn.Module):
         self.router = Router(dim, cfg.n_experts, cfg.top_k, cfg.router, aux_free=cfg.balance == "aux_free")
         self.experts = GroupedExperts(cfg.n_experts, dim, cfg.expert_ffn_dim)
         self.shared_experts = shared_experts
+        self.sum_over_token_shards: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.aux_loss_scale = 1.0
         self.last_routing: Optional[RoutingStats] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,60 +358,38 @@ class MoE(nn.Module):
         out = combine(expert_out, slots, routing.gates)
         if shared_out is not None:
             out = out + shared_out
-        self.last_routing = RoutingStats(self._aux_loss(routing, routed), routed, routed.sum() - kept.sum())
-        return out.view_as(x)
+        return self._add_routing_losses(out, routing, routed, kept).view_as(x)
 
-    def _aux_loss(self, routing: Routing, routed: torch.Tensor) -> torch.Tensor:
+    # Eager inside compiled blocks: compiled, the losses' gradient was lost where their statistics
+    # entered the graph from outside it (the sum over token shards runs eagerly).
+    @torch.compiler.disable
+    def _add_routing_losses(self, out: torch.Tensor, routing: Routing, routed: torch.Tensor,
+                            kept: torch.Tensor) -> torch.Tensor:
+        """`out`, carrying the routing losses' gradient; leaves the routing in `last_routing`."""
+        totals = self._totals(routing, routed)
+        aux_loss = self._aux_loss(totals)
+        self.last_routing = RoutingStats(aux_loss.detach(), totals.routed.long(), routed.sum() - kept.sum())
+        if aux_loss.requires_grad:
+            out = _AuxLossGradient.apply(out, aux_loss, self.aux_loss_scale)
+        return out
+
+    def _totals(self, routing: Routing, routed: torch.Tensor) -> RoutingTotals:
+        cfg, probs = self.cfg, routing.probs
+        balancing = cfg.balance == "aux_loss" and cfg.aux_loss_coef
+        # Only the sums a loss needs: each saves its input for backward.
+        local = RoutingTotals(
+            routed, probs.sum(dim=0) if balancing else probs.new_zeros(probs.shape[1]),
+            routing.logits.logsumexp(dim=-1).square().sum() if cfg.z_loss_coef else probs.new_zeros(()),
+            torch.tensor(probs.shape[0], device=probs.device))
+        if self.sum_over_token_shards is None:
+            return local
+        return RoutingTotals.from_flat(self.sum_over_token_shards(local.flat()))
+
+    def _aux_loss(self, totals: RoutingTotals) -> torch.Tensor:
         cfg = self.cfg
-        loss = routing.logits.new_zeros(())
+        loss = totals.prob_sums.new_zeros(())
         if cfg.balance == "aux_loss" and cfg.aux_loss_coef:
-            loss = loss + cfg.aux_loss_coef * load_balancing_loss(routing.experts, routing.probs, routed)
+            loss = loss + cfg.aux_loss_coef * load_balancing_loss(totals, cfg.top_k)
         if cfg.z_loss_coef:
-            loss = loss + cfg.z_loss_coef * z_loss(routing.logits)
+            loss = loss + cfg.z_loss_coef * z_loss(totals)
         return loss
-
-
-class MoEStepStats:
-    """The routing statistics of a model's MoE layers, summed over one training step.
-
-    `add_microbatch` after each forward returns the auxiliary loss to train on; `finish_step`
-    after the step turns the sums into metrics and, for aux-free balancing, moves the biases.
-    Sums over data-parallel ranks go through the `all_reduce_sum` the caller passes.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, MoE)]
-        self._reset()
-
-    def _reset(self) -> None:
-        self.tokens_per_expert: Optional[torch.Tensor] = None  # (layers, n_experts)
-        self.dropped = self.aux_loss = self.microbatches = 0.0
-
-    def add_microbatch(self) -> torch.Tensor:
-        """Record the forward just run; return the sum of its layers' auxiliary losses."""
-        stats = [layer.last_routing for layer in self.layers]
-        aux_loss = torch.stack([s.aux_loss for s in stats]).sum()
-        tokens = torch.stack([s.tokens_per_expert for s in stats])
-        self.tokens_per_expert = tokens if self.tokens_per_expert is None else self.tokens_per_expert + tokens
-        self.dropped = self.dropped + sum(s.dropped for s in stats)
-        self.aux_loss = self.aux_loss + aux_loss.detach()
-        self.microbatches += 1
-        return aux_loss
-
-    def finish_step(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], update_bias: bool) -> dict[str, float]:
-        """moe_aux_loss (the mean over microbatches and ranks), moe_max_load (the busiest expert's
-        token copies over the mean, in the most unbalanced layer, over the whole step) and
-        moe_dropped (copies dropped over capacity in the step, all layers); then start a new step."""
-        tokens = self.tokens_per_expert.to(torch.float64)  # exact counts beyond float32's 2^24
-        totals = all_reduce_sum(torch.cat([tokens.flatten(), torch.stack([
-            torch.as_tensor(v, dtype=torch.float64, device=tokens.device)
-            for v in (self.dropped, self.aux_loss, self.microbatches)])]))
-        tokens = totals[:tokens.numel()].view_as(tokens)
-        dropped, aux_loss, microbatches = totals[tokens.numel():].tolist()
-        if update_bias:
-            for layer, load in zip(self.layers, tokens):
-                if layer.router.expert_bias is not None:
-                    layer.router.update_bias(load, layer.cfg.bias_update_rate)
-        max_load = (tokens.max(dim=1).values / tokens.mean(dim=1).clamp(min=1e-12)).max().item()
-        self._reset()
-        return {"moe_aux_loss": aux_loss / microbatches, "moe_max_load": max_load, "moe_dropped": int(dropped)}

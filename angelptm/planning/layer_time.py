@@ -7,6 +7,9 @@ hardware's grouped-GEMM efficiency, the shared experts as plain GEMMs, the passe
 token copies by expert and sum them back, and under expert parallelism four all-to-alls of the
 token copies (dispatch and combine, forward and backward; DESIGN.md "MoE"). Routing is assumed
 balanced: every rank receives the top_k copies of as many tokens as it sends.
+
+Under LoRA the adapters add their (small) GEMMs, and of the weight-gradient GEMMs only theirs
+remain: the frozen base weights still multiply the output gradient for the input gradient.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from angelptm.config import Config
+from angelptm.planning.adapters import adapter_params, lora_rank
 from angelptm.planning.hardware import Hardware
 from angelptm.planning.layout import Layout
 from angelptm.planning.links import Group
@@ -23,11 +27,13 @@ from angelptm.planning.model import Implementation, ModelShape, dtype_bytes, per
 @dataclass
 class LayerTime:
     """Seconds of one layer and one microbatch (forward, backward with its recomputation, the
-    forward GEMMs which the weight gradients repeat) by component, and the bytes its collectives send."""
+    forward GEMMs, of them those whose weight gradients backward computes) by component, and the
+    bytes its collectives send."""
 
     forward: float
     backward: float
     gemm: float
+    weight_gemm: float  # the weight-gradient GEMMs: as many FLOPs as the forward GEMMs of the trainable weights
     attn_fwd: float
     attn_bwd: float
     elem_fwd: float
@@ -45,8 +51,9 @@ class LayerTime:
 
 def all_to_all_bytes(m: ModelShape, lay: Layout, cfg: Config) -> float:
     """Bytes one all-to-all of an MoE block sends off each rank for one microbatch: the rank's
-    tokens · top_k copies · dim · bytes, of which (ep-1)/ep go to the other ep ranks."""
-    tokens = lay.micro_batch * cfg.train.seq_len / lay.cp
+    tokens (its cp chunk, and its tp slice under sequence parallelism) · top_k copies · dim · bytes,
+    of which (ep-1)/ep go to the other ep ranks."""
+    tokens = lay.micro_batch * cfg.train.seq_len / lay.cp / (lay.tp if lay.sequence_parallel else 1)
     return (lay.ep - 1) / lay.ep * tokens * m.top_k * m.dim * dtype_bytes(cfg)
 
 
@@ -65,15 +72,20 @@ def layer_time(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Impl
     # GEMMs: one forward product per weight; backward has two (input and weight gradients).
     gemm_flops = 2 * tokens * per_rank(m.moe_gemm_weights if moe else m.layer_gemm_weights, f)
     gemm = gemm_flops / layer_peak
+    adapters = 2 * tokens * sum(adapter_params(m, cfg, lay.tp)) / dense  # rank-wide: not worth FP8
     width = m.ffn_dim  # SwiGLU / GELU columns a token passes through
     shared_fwd = 0.0
     if moe:
         width = (m.top_k + m.n_shared_experts) * m.expert_ffn_dim
         shared_fwd = 2 * tokens * 3 * h * m.n_shared_experts * m.expert_ffn_dim * f["tp"] / layer_peak
         grouped_peak = hw.peak_flops("float8" if fp8 else "float32" if ab == 4 else "bfloat16")
-        routed = 2 * tokens * m.routed_gemm_weights * f["tp"] / (grouped_peak * hw.grouped_gemm_efficiency)
-        router = 2 * tokens * m.router_weights / (hw.peak_flops("float32") * hw.matmul_efficiency)
+        # The router and the routed experts are whole on every tp rank, which routes its own tokens:
+        # its sequence slice under sequence parallelism, all of them without.
+        routed = 2 * tokens * f["seq"] * m.routed_gemm_weights / (grouped_peak * hw.grouped_gemm_efficiency)
+        router = 2 * tokens * f["seq"] * m.router_weights / (hw.peak_flops("float32") * hw.matmul_efficiency)
         gemm += routed + router
+    weight_gemm = adapters if lora_rank(cfg) else gemm
+    gemm += adapters
     # Attention over heads of this rank: flash skips the masked half; unfused computes every score.
     if impl.attention == "flash":
         attn_peak = hw.peak_flops("float32" if ab == 4 else "bfloat16") * hw.attention_efficiency
@@ -99,7 +111,7 @@ def layer_time(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Impl
         # expert parallelism regrouped by local expert and back (2 × read, write). The router's
         # passes over n_experts scores per token are small beside these (n_experts ≪ dim).
         copies = 6 * m.top_k + (4 * m.top_k if lay.ep > 1 else 0)
-        elem_bytes += tokens * (copies + 1) * h * ab
+        elem_bytes += tokens * f["seq"] * (copies + 1) * h * ab
     if impl.dropout:
         elem_bytes += tokens * 2 * h * f["seq"]  # residual dropout masks
     if fp8:
@@ -110,10 +122,12 @@ def layer_time(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Impl
 
     # Tensor parallelism, per layer and pass: 2 all-gathers + 2 reduce-scatters of the layer's
     # activation with sequence parallelism, 2 all-reduces without (the same volume).
+    # An MoE block's routed experts need no tp region, only its shared experts do.
     tp = Group.of(hw, lay.tp, 1)
     boundary = tokens * h * ab
-    tp_pass = 4 * (lay.tp - 1) / lay.tp * boundary
-    tp_fwd = 4 * tp.gather(boundary) if lay.sequence_parallel else 2 * tp.all_reduce(boundary)
+    regions = 1 if moe and not m.n_shared_experts else 2
+    tp_pass = 2 * regions * (lay.tp - 1) / lay.tp * boundary
+    tp_fwd = 2 * regions * tp.gather(boundary) if lay.sequence_parallel else regions * tp.all_reduce(boundary)
     regathered = lay.sequence_parallel and not impl.keeps_gathered_input
     regather = 2 * (lay.tp - 1) / lay.tp * boundary if regathered else 0.0
 
@@ -141,7 +155,7 @@ def layer_time(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Impl
     ep_fwd = ep_bwd = ep_pass = 0.0
     if moe and lay.ep > 1:
         ep = Group.all_to_all_of(hw, lay.ep, lay.tp)
-        rows = tokens * m.top_k * h * ab
+        rows = tokens * f["seq"] * m.top_k * h * ab  # this rank's token copies
         combine = ep.all_to_all(rows)
         ep_fwd = max(0.0, ep.all_to_all(rows, calls=2) - shared_fwd) + combine
         ep_bwd = combine + max(0.0, combine - 2 * shared_fwd)
@@ -158,8 +172,8 @@ def layer_time(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Impl
         recompute = recompute_tp = recompute_cp = recompute_ep = 0.0
     layer_bwd = gemm + attn_bwd + elem_bwd + tp_fwd + cp_bwd + recompute + ep_bwd
     return LayerTime(
-        forward=layer_fwd, backward=layer_bwd, gemm=gemm, attn_fwd=attn_fwd, attn_bwd=attn_bwd,
-        elem_fwd=elem_fwd, elem_bwd=elem_bwd, recompute=recompute, tp_fwd=tp_fwd, cp_fwd=cp_fwd,
+        forward=layer_fwd, backward=layer_bwd, gemm=gemm, weight_gemm=weight_gemm, attn_fwd=attn_fwd,
+        attn_bwd=attn_bwd, elem_fwd=elem_fwd, elem_bwd=elem_bwd, recompute=recompute, tp_fwd=tp_fwd, cp_fwd=cp_fwd,
         cp_bwd=cp_bwd, ep_fwd=ep_fwd, ep_bwd=ep_bwd, tp_bytes=2 * tp_pass + regather + recompute_tp,
         cp_bytes=cp_fwd_bytes + cp_bwd_bytes + recompute_cp, ep_bytes=2 * ep_pass + recompute_ep,
     )

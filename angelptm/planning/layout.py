@@ -143,10 +143,6 @@ def layout_problems(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware) -> li
     return out
 
 
-# The degrees the engine does not yet compose with MoE blocks (angelptm.config_validation refuses
-# them); one leaves this list when the engine builds it.
-MOE_UNBUILT_DEGREES = ("tp", "pp", "cp")
-
 
 def _expert_problems(m: ModelShape, lay: Layout) -> list[str]:
     """The rules of expert parallelism (DESIGN.md, "MoE") and of the MoE blocks the engine builds."""
@@ -159,7 +155,4 @@ def _expert_problems(m: ModelShape, lay: Layout) -> list[str]:
     if data % lay.ep:
         out.append(f"ep={lay.ep} does not divide dp·cp = {data} (expert-parallel ranks are carved from the "
                    "data ranks); pick ep dividing dp·cp")
-    if m.n_experts:
-        out += [f"model.moe with {name}={getattr(lay, name)} is not built yet; set parallel.{name}=1"
-                for name in MOE_UNBUILT_DEGREES if getattr(lay, name) > 1]
     return out

@@ -4,7 +4,9 @@ buffers) and by tier (device, pinned host, NVMe), for the first and the last pip
 Parameters, gradients and optimizer state follow ZeROCache (`angelptm.planning.zero`), routed
 experts n_experts / ep to a rank;
 activations follow the tables of `angelptm.planning.model` and the pipeline schedule's
-microbatches in flight.
+microbatches in flight. Under LoRA the activations are planned as full fine-tuning's: the
+adapters' rank-wide outputs are left out, and so are LoRA dropout's masks and dropped inputs
+(two input-sized tensors per target), which `finetune.lora.dropout > 0` adds.
 """
 
 from __future__ import annotations

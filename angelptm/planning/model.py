@@ -174,7 +174,7 @@ class ModelShape:
         plain = per_rank(self.layer_gemm_weights, f) * dense
         if not moe:
             return plain, 0.0
-        local = self.n_experts // ep * self.expert_numel * f["tp"]
+        local = self.n_experts // ep * self.expert_numel  # whole on every tp rank
         return plain + moe * per_rank(self.moe_gemm_weights, f), moe * local
 
     @functools.lru_cache(maxsize=None)
@@ -198,11 +198,12 @@ class ModelShape:
         """(size, is a routed-expert weight) of each parameter of an MoE block one rank holds, in
         registration order: the dense block's norms and attention, the router (n_experts × dim),
         the routed experts' stacked w1, w2, w3 (n_experts / ep of them), the shared experts' one
-        SwiGLU, n_shared_experts · expert_ffn_dim wide. Expert columns split over tp as a dense
-        SwiGLU's would; `layout_problems` refuses tp for MoE blocks until the engine builds it."""
+        SwiGLU, n_shared_experts · expert_ffn_dim wide. Under tp the router and the routed experts
+        are whole on every rank (`angelptm.distributed.tensor_parallel`), the shared experts split
+        as a dense SwiGLU."""
         h = self.dim
         attention = self.unit_params(tp)[1][:6]  # attention_norm, wq, wk, wv, wo, ffn_norm
-        routed = self.n_experts // ep * (self.expert_ffn_dim // tp) * h
+        routed = self.n_experts // ep * self.expert_ffn_dim * h
         shared = self.n_shared_experts * self.expert_ffn_dim // tp * h
         return (tuple((n, False) for n in (*attention, self.n_experts * h)) + ((routed, True),) * 3
                 + ((shared, False),) * (3 if shared else 0))
@@ -336,7 +337,8 @@ def _moe_saved(m: ModelShape, ab: int) -> list[Saved]:
         out += [Saved("router.chosen_scores", k, 4, "seq"), Saved("router.chosen_sum", 1, 4, "seq")]
     out.append(Saved("combine.gates", k, ab, "seq"))  # in the compute dtype, for the weighted sum
     out += [Saved("dispatch.slots", k, 8, "seq"), Saved("experts.rows", k * h, ab, "seq")]
-    out += [Saved(f"experts.{name}", k * hidden, ab, "tp") for name in ("w1_out", "silu_out", "w3_out", "product")]
+    # Routed experts are whole on every tp rank, which computes its own tokens ("seq", as the router).
+    out += [Saved(f"experts.{name}", k * hidden, ab, "seq") for name in ("w1_out", "silu_out", "w3_out", "product")]
     out.append(Saved("combine.rows", k * h, ab, "seq"))
     if m.n_shared_experts:
         if ab != 4:

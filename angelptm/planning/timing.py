@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 
 from angelptm.config import Config
+from angelptm.planning import adapters
+from angelptm.planning.adapters import lora_rank
 from angelptm.planning.hardware import Hardware
 from angelptm.planning.layer_time import layer_time
 from angelptm.planning.layout import Layout, stage_layers
@@ -107,7 +109,8 @@ def _microbatch(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Imp
         kinds.append((moe_layers, layer_time(m, lay, cfg, hw, impl, moe=True)))
 
     fwd, bwd = sum(n * t.forward for n, t in kinds), sum(n * t.backward for n, t in kinds)
-    wgt = sum(n * t.gemm for n, t in kinds)
+    wgt = sum(n * t.weight_gemm for n, t in kinds)
+    head_trainable = not lora_rank(cfg)  # LoRA freezes the head: its weight gradient is not computed
     tp_bytes = sum(n * t.tp_bytes for n, t in kinds)
     head = loss = embed_tp = 0.0
     if stage == "last" or lay.pp == 1:
@@ -115,7 +118,7 @@ def _microbatch(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Imp
         vocab = m.vocab_size * f["vocab"]
         head = 2 * tokens * h * vocab / dense
         loss = tokens * vocab * (ab + 3 * 4) / hbm  # logits, fp32 log-probs, their gradient
-        fwd, bwd, wgt = fwd + head + loss, bwd + head + loss, wgt + head
+        fwd, bwd, wgt = fwd + head + loss, bwd + head + loss, wgt + head_trainable * head
     if (stage == "first" or lay.pp == 1) and lay.tp > 1:
         # Vocab-parallel embedding: its output is summed over tp in forward, its gradient in backward.
         boundary = tokens * h * ab
@@ -124,7 +127,7 @@ def _microbatch(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Imp
         tp_bytes += 2 * 2 * (lay.tp - 1) / lay.tp * boundary
     return _Micro(
         forward=fwd, backward=bwd, weight=wgt,
-        gemm=sum(n * 3 * t.gemm for n, t in kinds) + 3 * head,
+        gemm=sum(n * (2 * t.gemm + t.weight_gemm) for n, t in kinds) + (2 + head_trainable) * head,
         attention=sum(n * (t.attn_fwd + t.attn_bwd) for n, t in kinds),
         elementwise=sum(n * (t.elem_fwd + t.elem_bwd) for n, t in kinds) + 2 * loss,
         recompute=sum(n * t.recompute for n, t in kinds),
@@ -193,19 +196,25 @@ def timing(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Implemen
     fp8_gather = cfg.precision.fp8.enabled and cfg.precision.fp8.fp8_all_gather and lay.zero_stage == 3
     plain_fp8, expert_fp8 = m.rank_gemm_weights(lay.tp, lay.ep, stage_layers(m, lay))
 
-    def pool(numel: float, fp8_numel: float, group: Group, pages: int) -> tuple[float, float, Group, int]:
-        grads, params = numel * (impl.grad_bytes or pb), numel * pb
+    def pool(numel: float, trainable: float, fp8_numel: float, group: Group,
+             pages: int) -> tuple[float, float, Group, int]:
+        # Gradients of the trainable pages are reduced; stage 3 gathers every page, stages 1-2
+        # publish the updated (trainable) ones.
+        grads, params = trainable * (impl.grad_bytes or pb), (numel if lay.zero_stage == 3 else trainable) * pb
         if fp8_gather:
             params -= fp8_numel * (pb - 1)  # FP8-eligible pages travel in 1 byte with their scales
         calls = pages if impl.paged else math.ceil(params / (cfg.zero.page_mb * 2**20))
         return grads, params, group, calls
 
     if not zb.expert_numel:  # experts, if any, share the dense pages
-        pools = [pool(zb.total_numel, plain_fp8 + expert_fp8, Group.of(hw, d, lay.tp), zb.pages.count)]
+        pools = [pool(zb.total_numel, zb.trainable_numel, plain_fp8 + expert_fp8, Group.of(hw, d, lay.tp),
+                      zb.pages.count)]
     else:
-        pools = [pool(zb.total_numel - zb.expert_numel, plain_fp8, Group.of(hw, d, lay.tp),
-                      zb.pages.count - zb.pages.expert_count),
-                 pool(zb.expert_numel, expert_fp8, Group.of(hw, d // lay.ep, lay.tp * lay.ep), zb.pages.expert_count)]
+        expert_trainable = 0.0 if lora_rank(cfg) else zb.expert_numel  # LoRA leaves the experts frozen
+        pools = [pool(zb.total_numel - zb.expert_numel, zb.trainable_numel - expert_trainable, plain_fp8,
+                      Group.of(hw, d, lay.tp), zb.pages.count - zb.pages.expert_count),
+                 pool(zb.expert_numel, expert_trainable, expert_fp8, Group.of(hw, d // lay.ep, lay.tp * lay.ep),
+                      zb.pages.expert_count)]
     params = sum(p for _, p, _, _ in pools)
     backward = micro.backward + micro.weight
     dp_exposed, dp_bytes = 0.0, 0.0
@@ -238,10 +247,11 @@ def timing(m: ModelShape, lay: Layout, cfg: Config, hw: Hardware, impl: Implemen
 
     step = mbs * per_mb + bubble + dp_exposed + optimizer
     step_tokens = cfg.train.global_batch * seq
-    model_flops = m.flops_per_token(seq) * step_tokens
+    model_flops = adapters.flops_per_token(m, cfg, seq) * step_tokens
     recompute_per_token = 0.0  # all layers: full recomputes their forward GEMMs, both attention's scores
     if lay.checkpointing == "full":
-        recompute_per_token = 2 * m.gemm_weights_per_token + m.n_layers * 4 * m.q_dim * seq
+        recompute_gemm = m.gemm_weights_per_token + m.n_layers * adapters.adapter_full_numel(m, cfg)
+        recompute_per_token = 2 * recompute_gemm + m.n_layers * 4 * m.q_dim * seq
     elif lay.checkpointing == "selective":
         recompute_per_token = m.n_layers * 4 * m.q_dim * seq
     hardware_flops = model_flops + recompute_per_token * step_tokens

@@ -30,7 +30,8 @@ GPU_PEAK_FLOPS = {
 
 
 def measure_cpu_matmul_flops(size: int = 1024, repeats: int = 3) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    gen = torch.Generator().manual_seed(0)  # not the default generator: LoRA dropout draws from it (finetune/lora.py)
+    a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
     a @ b  # warm-up: thread pool and BLAS initialisation
     best = float("inf")
     for _ in range(repeats):

@@ -33,7 +33,7 @@ from angelptm.errors import ConfigError, UserError
 from angelptm.finetune import lora
 from angelptm.fp8 import update_float8_scales
 from angelptm.models.llama import build_llama, flops_per_token
-from angelptm.models.moe import MoEStepStats
+from angelptm.train.routing_stats import MoEStepStats
 from angelptm.train import checkpoint as ckpt
 from angelptm.train.faults import OutputLock, Preemption, SkipCounter, TrainingStopped
 from angelptm.train.loggers import build_loggers
@@ -122,7 +122,11 @@ class Trainer:
             for stage in split_model(meta_model, self.pp.rank, self.pp.size, p.pp_virtual_stages, t.seq_len)
         ]
         self.model = merge_stages(stages)  # this rank's parameters under their full names
+        # The routing losses' gradient is scaled as a microbatch's loss is: 1/m for the runner's mean
+        # over m microbatches, times cp because the cp ranks' gradients are averaged, though each
+        # holds its own tokens' part of the one loss (tp ranks' parts are summed).
         self.moe_stats = MoEStepStats(self.model)
+        self.moe_stats.watch(stages, aux_loss_scale=self.cp.size / self.accum_steps)
         # ZeROCache, the data-parallel engine, shards over dp × cp; the mesh also tells it the tp
         # slices (partial gradients, norm, checkpoint places) and the pp stages (norm) it holds.
         self.optimizer = ZeROCacheOptimizer.from_config(self.model, self.mesh, cfg)
@@ -331,20 +335,16 @@ class Trainer:
         self.optimizer.zero_grad()
         update_float8_scales(self.model)  # delayed FP8 scaling advances every step, skipped ones too
         stats = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
-        if self.moe_stats.layers:  # routing over the whole batch; aux-free biases move only on a taken step
-            stats.update(self.moe_stats.finish_step(lambda t: all_reduce(t, self.data_group), update_bias=not skipped))
+        if self.cfg.model.moe.n_experts:  # routing over the whole batch; aux-free biases move only on a taken step
+            stats.update(self.moe_stats.finish_step(self.data_group, self.pp, update_bias=not skipped))
         return {**stats, "comm_bytes": self._comm_bytes(), "data_wait_s": self.batches.wait_s}
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor, vocab: tuple[int, int]) -> torch.Tensor:
-        """A microbatch's share of the batch's token-mean cross-entropy (`TokenMeanLoss`); in training,
-        plus the MoE layers' auxiliary losses, added as a term of value zero: backward trains the
-        router on them while the loss reported stays the language model's, comparable with dense
-        runs and val_loss (moe_aux_loss is logged apart)."""
-        loss = self.token_loss.loss(logits, targets, self.tp, vocab)
-        if self.moe_stats.layers and torch.is_grad_enabled():
-            aux_loss = self.moe_stats.add_microbatch()
-            loss = loss + (aux_loss - aux_loss.detach())
-        return loss
+        """A microbatch's share of the batch's token-mean cross-entropy (`TokenMeanLoss`). The MoE
+        layers' auxiliary losses train the router through the layers' outputs, so the loss
+        reported stays the language model's, comparable with dense runs and val_loss
+        (moe_aux_loss is logged apart)."""
+        return self.token_loss.loss(logits, targets, self.tp, vocab)
 
     def host_rows(self, sampler, step: int) -> list[Rows]:
         """This rank's rows of `step`'s global batch on the host, one `Rows` per microbatch (pinned

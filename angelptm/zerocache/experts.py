@@ -26,9 +26,9 @@ from torch import nn
 
 from angelptm.distributed.collectives import Group
 from angelptm.distributed.expert_parallel import expert_parallel_modules
-from angelptm.distributed.tensor_parallel import squared_l2_norm
 from angelptm.errors import UserError
 from angelptm.zerocache.buffers import PageBuffers
+from angelptm.zerocache.tensor_parallel import TensorParallelPages
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,10 @@ class ExpertSharding:
         params = frozenset(id(p) for m in modules for p in m.parameters())
         return cls(params, modules[0].ep, modules[0].edp)
 
-    def grad_norm_squared(self, buffers: list[PageBuffers], stage: int) -> torch.Tensor:
-        """The squares of the expert pages' own gradients (float64); at stage 0 summed over ep, from
-        stage 1 on left for the caller's sum over dp × cp."""
-        squares = squared_l2_norm([b.grad_own() for b in buffers if b.page.expert])
+    def grad_norm_squared(self, tp_pages: TensorParallelPages, buffers: list[PageBuffers], stage: int) -> torch.Tensor:
+        """The squares of the expert pages' own gradients (float64, tp copies counted as
+        `tp_pages` says); at stage 0 summed over ep, from stage 1 on left for the caller's sum over dp × cp."""
+        squares = tp_pages.grad_norm_squared([b for b in buffers if b.page.expert])
         if stage == 0 and self.ep.size > 1:
             dist.all_reduce(squares, group=self.ep.pg)
         return squares

@@ -302,9 +302,9 @@ class ZeROCacheOptimizer(torch.optim.Optimizer):
         ep ranks' experts; scales the next step's gradients by min(1, max_norm / (norm + 1e-6)) as
         torch.nn.utils.clip_grad_norm_ does."""
         self._complete_gradients()
-        squares = self._tp_pages.grad_norm_squared([b.grad_own() for b in self._trainable if not b.page.expert])
+        squares = self._tp_pages.grad_norm_squared([b for b in self._trainable if not b.page.expert])
         if self._experts is not None:
-            squares = squares + self._experts.grad_norm_squared(self._trainable, self.stage)
+            squares = squares + self._experts.grad_norm_squared(self._tp_pages, self._trainable, self.stage)
         if self.stage >= 1 and self.dp > 1:
             dist.all_reduce(squares, group=self.group)
         for group in self._norm_groups:

@@ -63,10 +63,12 @@ class TensorParallelPages:
         """Sum the tp-partial gradients (after the dp reduction, before clipping and the step)."""
         sum_over_copies([(segment.spec, segment.grad()) for segment in self.partial], self.tp)
 
-    def grad_norm_squared(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """This rank's share of the squared global norm of `grads` (each page's own-range gradient),
-        in float64: all of it, less the part of each slice held by c tp ranks that the other c - 1 count."""
-        squares = squared_l2_norm(grads)
+    def grad_norm_squared(self, buffers: list[PageBuffers]) -> torch.Tensor:
+        """This rank's share of the squared global norm of the own-range gradients of `buffers`, in
+        float64: all of it, less the part of each slice held by c tp ranks that the other c - 1 count."""
+        squares = squared_l2_norm([b.grad_own() for b in buffers])
+        mine = {id(b) for b in buffers}
         for segment in self.replicated:
-            squares = squares - squared_l2_norm([segment.grad()]) * (1 - 1 / segment.spec.copies)
+            if id(segment.buffers) in mine:
+                squares = squares - squared_l2_norm([segment.grad()]) * (1 - 1 / segment.spec.copies)
         return squares
