@@ -3,6 +3,7 @@ and the whole path a user takes: import-hf -> prepare -> train -> export-hf -> t
 
 import gzip
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from conftest import REPO, cli_command, one_line, run_cli
 from angelptm.cli import main
 from angelptm.data import TokenFile, load_tokenizer
 from angelptm.data import prepare as prepare_module
+from angelptm.data import prepare_inputs
 
 DOCS = [f"def f{i}(x):\n    return x * {i}  # é{'!' * (i % 7)}\n" for i in range(300)]
 
@@ -41,7 +43,7 @@ def prepare_cli(capsys, *args) -> tuple[int, str, str]:
     return code, out, "\n".join(line for line in err.splitlines() if not line.startswith("prepare: "))
 
 
-def test_every_input_type_in_order(tmp_path, tok_dir, capsys):
+def test_every_input_type_in_order(tmp_path, tok_dir, capsys, monkeypatch):
     inputs = tmp_path / "in"
     (inputs / "b" / "deeper").mkdir(parents=True)
     (inputs / "a.jsonl").write_bytes(jsonl_bytes(DOCS[:100]))
@@ -63,19 +65,82 @@ def test_every_input_type_in_order(tmp_path, tok_dir, capsys):
     np.testing.assert_array_equal(tokens.tokens, np.concatenate(expected))
     assert tokens.doc_offsets == list(np.cumsum([0] + [d.size for d in expected[:-1]]))
     assert tokens.tokenizer == tok.name and tokens.vocab_size == tok.vocab_size
-    # One worker writes the same bytes: order is kept whatever the parallelism.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t.bin", "t.json"]  # the shards are gone
+    # One worker, or tasks of a few lines, write the same bytes: order is kept whatever the parallelism.
     assert prepare_cli(capsys, inputs, "--tokenizer", tok_dir, "--out", tmp_path / "one", "--workers", "1")[0] == 0
     assert TokenFile(tmp_path / "one").checksum == tokens.checksum
+    monkeypatch.setattr(prepare_module, "TASK_BYTES", 300)
+    monkeypatch.setattr(prepare_module, "MIN_TASK_BYTES", 300)
+    assert prepare_cli(capsys, inputs, "--tokenizer", tok_dir, "--out", tmp_path / "small", "--workers", "2")[0] == 0
+    assert TokenFile(tmp_path / "small").checksum == tokens.checksum
 
 
 def test_long_text_file_is_read_in_pieces_as_one_document(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_module, "PIECE_BYTES", 64)
+    monkeypatch.setattr(prepare_inputs, "PIECE_BYTES", 64)
     text = "".join(DOCS[:40]) + "a line longer than a piece: " + "ü" * 100 + "\n"
     (tmp_path / "long.txt").write_text(text)
     prepare_module.prepare([str(tmp_path / "long.txt")], "byte", str(tmp_path / "out"), workers=1)
     out = TokenFile(tmp_path / "out")
     np.testing.assert_array_equal(out.tokens, load_tokenizer("byte").encode(text))  # BOS once, EOS once
     assert out.doc_offsets == [0]
+
+
+def whole_read_pieces(data: bytes, piece: int) -> list[tuple[int, int]]:
+    """Where a .txt file's pieces begin and end, read as a reader holding the whole window would cut them."""
+    pieces, start, window_end = [], 0, piece
+    while start < len(data):
+        if window_end >= len(data):
+            pieces.append((start, len(data)))
+            break
+        window = data[start:window_end]
+        end = start + (window.rfind(b"\n") + 1 or prepare_inputs._utf8_boundary(window))
+        pieces.append((start, end))
+        start, window_end = end, window_end + piece
+    return pieces
+
+
+def test_text_pieces_are_cut_where_a_whole_read_cuts_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_inputs, "PIECE_BYTES", 37)
+    monkeypatch.setattr(prepare_inputs, "SCAN_BYTES", 5)  # the backward search for a line break crosses reads
+    data = ("".join(DOCS[:30]) + "ü" * 40 + "\n" + "x" * 100 + "漢字" * 30).encode() + b"\x80" * 50 + b"\n\n"
+    (tmp_path / "t.txt").write_bytes(data)
+    pieces = [task.pieces[0][1:3] for task in prepare_inputs._txt_pieces(tmp_path / "t.txt", 0)]
+    assert pieces == whole_read_pieces(data, 37) and len(pieces) > 30
+
+
+@pytest.mark.parametrize("suffix, compress", [("", bytes), (".gz", gzip.compress)])
+def test_a_bad_line_far_into_the_file_is_numbered_in_it(tmp_path, tok_dir, capsys, monkeypatch, suffix, compress):
+    monkeypatch.setattr(prepare_module, "TASK_BYTES", 500)  # many tasks: the line number adds their lines up
+    monkeypatch.setattr(prepare_module, "MIN_TASK_BYTES", 500)
+    lines = jsonl_bytes(DOCS).splitlines(keepends=True)
+    bad = tmp_path / f"bad.jsonl{suffix}"
+    bad.write_bytes(compress(b"".join(lines[:250] + [b"\n", b'{"text": 7}\n'] + lines[250:])))
+    for workers in ("1", "2"):
+        code, _, err = prepare_cli(capsys, bad, "--tokenizer", tok_dir, "--out", tmp_path / "o" / "t", "--workers",
+                                   workers)
+        assert code == 2 and f"{bad}: line 252 has text of type int" in one_line(err), err
+        assert not list((tmp_path / "o").iterdir())
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": DOCS[:100] + [None] + DOCS[100:120]}), path, row_group_size=7)
+    code, _, err = prepare_cli(capsys, path, "--tokenizer", tok_dir, "--out", tmp_path / "o" / "t", "--workers", "2")
+    assert code == 2 and f"{path}: row 101 has text=None" in one_line(err), err
+
+
+def test_an_interrupted_prepare_leaves_nothing_behind(tmp_path, tok_dir, monkeypatch):
+    (tmp_path / "in.jsonl").write_bytes(jsonl_bytes(DOCS * 4))
+    monkeypatch.setattr(prepare_module, "TASK_BYTES", 2000)
+    monkeypatch.setattr(prepare_module, "MIN_TASK_BYTES", 2000)
+    calls = []
+
+    def interrupt(*args):  # Ctrl-C while the workers hold tasks in flight and shards are on disk
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module.Progress, "update", lambda self, *args: interrupt(*args))
+    with pytest.raises(KeyboardInterrupt):
+        prepare_module.prepare([str(tmp_path / "in.jsonl")], str(tok_dir), str(tmp_path / "o" / "t"), workers=2)
+    assert not list((tmp_path / "o").iterdir()) and not multiprocessing.active_children()
 
 
 def test_corrupt_line_is_named_and_nothing_is_written(tmp_path, tok_dir, capsys):

@@ -1,13 +1,13 @@
 """`angelptm prepare`: tokenize text, jsonl(.gz/.zst) and parquet inputs into one token file, in parallel, streaming.
 
-Documents are read in order and cut into batches of about BATCH_BYTES; worker processes tokenize
-the batches with the tokenizer's batch encoder while the main process writes finished batches in
-their order, so memory holds a few batches per worker whatever the size of the input:
-  .txt            one document per file, read in pieces of PIECE_BYTES cut after a line break (only
-                  the first piece gets the BOS, only the last the EOS);
-  .jsonl[.gz|.zst] one document per line, the string in `--field`; blank lines are skipped;
-  .parquet        one document per row of the `--field` column, read a record batch at a time.
-The result is the `.bin` + `.json` token file of `angelptm.data.builder`, written atomically.
+The inputs are cut into tasks (see angelptm.data.prepare_inputs): each worker process reads its
+task's input itself, tokenizes it with the tokenizer's batch encoder and writes the ids (and SFT
+loss mask) to a shard file of its own, returning only the task's counts and document lengths. The
+main process plans the tasks a few ahead and stitches the finished shards in input order into the
+`.bin` + `.json` token file of `angelptm.data.builder`, a sequential copy, so it hardly takes a core
+from the workers. Memory holds a few tasks per worker whatever the size of the input; the shards
+live in a temporary folder beside the output, each removed once copied, the folder on any failure
+or Ctrl-C, and the token file appears only complete.
 
 With `sft`, each jsonl line or parquet row is one chat sample (`messages`, or `prompt`/`completion`;
 see angelptm.data.sft), rendered with the tokenizer's chat template into one document, and the file
@@ -17,44 +17,30 @@ gets its loss mask (`.mask`) beside the ids.
 from __future__ import annotations
 
 import collections
-import gzip
-import io
+import contextlib
 import json
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from angelptm.data.builder import list_documents, source_fingerprint, token_dtype, token_file_writer
+from angelptm.data import prepare_inputs
+from angelptm.data.builder import source_fingerprint, token_dtype, token_file_writer
+from angelptm.data.prepare_inputs import SUFFIXES, Batch, Task, input_files, task_batches, tasks
 from angelptm.data.sft import SFTRenderer
 from angelptm.data.tokenizers import Tokenizer, load_tokenizer
 from angelptm.errors import UserError
 
-PIECE_BYTES = 1 << 20
-BATCH_BYTES = 1 << 20
-BATCH_DOCS = 1024
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
-SFT_COLUMNS = (("messages",), ("prompt", "completion"))  # what an SFT parquet file holds, first found wins
-_DATA_EXTRA = "pip install angelptm[data]"
-
-
-@dataclass
-class Batch:
-    """Documents (or .txt pieces) in input order, raw: jsonl lines are parsed by the worker."""
-
-    path: str
-    kind: str  # "text": texts are documents or pieces; "jsonl": texts are raw lines; "rows": parquet SFT rows
-    texts: list = field(default_factory=list)
-    starts: list = field(default_factory=list)  # text begins a document (pieces after the first do not)
-    ends: list = field(default_factory=list)
-    first_line: int = 1  # jsonl: the line number of texts[0]; rows: its row number
-    nbytes: int = 0
-    input_bytes: int = 0  # how far into the input files the reading is, for the progress line
+TASK_BYTES = 1 << 20  # the most input per task; a small corpus gets smaller ones, TASKS_PER_WORKER each at least
+TASKS_PER_WORKER = 16  # so the workers end together: the last task is a small share of the run
+MIN_TASK_BYTES = 1 << 16
 
 
 @dataclass
@@ -62,160 +48,29 @@ class Encoded:
     ids: np.ndarray
     doc_starts: np.ndarray
     skipped: int
-    input_bytes: int
     loss_mask: Optional[np.ndarray] = None  # SFT: one 0/1 per id
     longest: int = 0  # SFT: the most ids in one sample
 
 
-def _open_lines(path: Path) -> tuple[IO[bytes], IO[bytes]]:
-    """(the file on disk, its decompressed bytes) for a .jsonl, .jsonl.gz or .jsonl.zst file."""
-    raw = open(path, "rb")
-    if path.name.endswith(".gz"):
-        return raw, gzip.GzipFile(fileobj=raw)
-    if path.name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raw.close()
-            raise UserError(f"reading {path} needs zstandard; {_DATA_EXTRA}") from None
-        return raw, io.BufferedReader(_ZstdFrames(raw, zstandard))
-    return raw, raw
+@dataclass
+class Done:
+    """What a worker returns for a task whose ids (and loss mask) it wrote to the task's shard."""
+
+    num_tokens: int
+    doc_starts: np.ndarray  # in the shard's ids
+    lines: int  # lines (rows, pieces) read: where the file's next task starts counting
+    skipped: int = 0
+    loss_tokens: int = 0
+    longest: int = 0
+    bad: Optional[tuple[int, str]] = None  # the first bad line (row) in the task, its number from the task's start
 
 
-class _ZstdFrames(io.RawIOBase):
-    """The decompressed bytes of a .zst file's frames, one after another. zstandard's stream
-    reader ends quietly where a cut-off file ends; this one raises EOFError if the last frame is
-    incomplete, so a truncated file is an error, not a silently shorter corpus."""
+class _BadRow(Exception):
+    """A line or row that --skip-bad would skip: its number in the task and what follows it in the message."""
 
-    def __init__(self, raw: IO[bytes], zstandard):
-        self._raw, self._zstd = raw, zstandard
-        self._frame = zstandard.ZstdDecompressor().decompressobj()
-        self._pending, self._read, self._in_frame = b"", 0, False  # decompressed bytes; how many are handed out
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while self._read == len(self._pending):
-            chunk = self._raw.read(1 << 16)
-            if not chunk:
-                if self._in_frame:
-                    raise EOFError("the file ends inside a zstd frame")
-                return 0
-            self._pending, self._read = b"", 0
-            while chunk:  # a frame may end inside the chunk; the rest begins the next frame
-                self._in_frame = True
-                self._pending += self._frame.decompress(chunk)
-                if not self._frame.eof:
-                    break
-                chunk, self._in_frame = self._frame.unused_data, False
-                self._frame = self._zstd.ZstdDecompressor().decompressobj()
-        n = min(len(buffer), len(self._pending) - self._read)
-        buffer[:n] = memoryview(self._pending)[self._read:self._read + n]  # no copy of what is left
-        self._read += n
-        return n
-
-
-def _text_batches(path: Path) -> Iterator[Batch]:
-    with open(path, "rb") as handle:
-        data, first = handle.read(PIECE_BYTES), True
-        while data:
-            more = handle.read(PIECE_BYTES)
-            if more:  # cut after the last line break, so the rest of that line goes with the next piece
-                cut = data.rfind(b"\n") + 1 or _utf8_boundary(data)
-                piece, data = data[:cut], data[cut:] + more
-            else:
-                piece, data = data, b""
-            yield Batch(str(path), "text", [piece], [first], [not data], nbytes=len(piece),
-                        input_bytes=handle.tell() - len(data))
-            first = False
-
-
-def _utf8_boundary(data: bytes) -> int:
-    """Where the last character of `data` begins (a line longer than a piece is cut there)."""
-    cut = len(data) - 1
-    while cut > 0 and (data[cut] & 0xC0) == 0x80:  # 10xxxxxx: inside a multi-byte character
-        cut -= 1
-    return max(cut, 1)
-
-
-def _lines(path: Path, handle: IO[bytes]) -> Iterator[bytes]:
-    """The lines of a decompressed stream; a truncated or corrupt .gz / .zst file is one line of error."""
-    try:
-        yield from handle
-    except (OSError, EOFError) as e:  # gzip's BadGzipFile is an OSError; zstandard's ZstdError is re-raised below
-        raise UserError(f"{path} is truncated or corrupt ({e}); restore it or leave it out") from None
-    except Exception as e:
-        if type(e).__name__ != "ZstdError":
-            raise
-        raise UserError(f"{path} is truncated or corrupt ({e}); restore it or leave it out") from None
-
-
-def _jsonl_batches(path: Path) -> Iterator[Batch]:
-    raw, handle = _open_lines(path)
-    with raw, handle:
-        batch = Batch(str(path), "jsonl")
-        for number, line in enumerate(_lines(path, handle), start=1):
-            if not batch.texts:
-                batch.first_line = number
-            batch.texts.append(line)
-            batch.nbytes += len(line)
-            if batch.nbytes >= BATCH_BYTES or len(batch.texts) >= BATCH_DOCS:
-                batch.input_bytes = raw.tell()
-                yield batch
-                batch = Batch(str(path), "jsonl")
-        if batch.texts:
-            batch.input_bytes = raw.tell()
-            yield batch
-
-
-def _parquet_batches(path: Path, text_field: str, skip_bad: bool, sft: bool = False) -> Iterator[Batch]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(f"reading {path} needs pyarrow; {_DATA_EXTRA}") from None
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow's ArrowInvalid and friends
-        raise UserError(f"{path} is not a readable parquet file ({e}); restore it or leave it out") from None
-    names = parquet.schema_arrow.names
-    if sft:
-        yield from _parquet_rows(path, parquet)
-        return
-    if text_field not in names:
-        raise UserError(f"{path} has no column {text_field!r} (columns: {', '.join(names)}); pass --field NAME")
-    size, rows_total, row = path.stat().st_size, max(parquet.metadata.num_rows, 1), 0
-    for record_batch in parquet.iter_batches(batch_size=BATCH_DOCS, columns=[text_field]):
-        values = record_batch.column(0).to_pylist()
-        batch = Batch(str(path), "text")
-        for value in values:
-            row += 1
-            if not isinstance(value, str):
-                if skip_bad:
-                    batch.texts.append(None)  # counted and dropped by the worker
-                    continue
-                raise UserError(f"{path}: row {row} has {text_field}={value!r:.40}, not a string; "
-                                "fix it or pass --skip-bad to skip such rows")
-            batch.texts.append(value)
-            batch.nbytes += len(value)
-        batch.starts, batch.ends = [True] * len(batch.texts), [True] * len(batch.texts)
-        batch.input_bytes = size * row // rows_total
-        yield batch
-
-
-def _parquet_rows(path: Path, parquet) -> Iterator[Batch]:
-    """An SFT parquet file's rows as dicts of its SFT columns, a record batch at a time."""
-    names = parquet.schema_arrow.names
-    columns = next((list(c) for c in SFT_COLUMNS if all(name in names for name in c)), None)
-    if columns is None:
-        raise UserError(f"{path} has neither a messages column nor prompt and completion columns (columns: "
-                        f"{', '.join(names)}); write SFT rows in one of those forms")
-    size, rows_total, row = path.stat().st_size, max(parquet.metadata.num_rows, 1), 0
-    for record_batch in parquet.iter_batches(batch_size=BATCH_DOCS, columns=columns):
-        rows = record_batch.to_pylist()
-        yield Batch(str(path), "rows", rows, first_line=row + 1, nbytes=record_batch.nbytes,
-                    input_bytes=size * (row + len(rows)) // rows_total)
-        row += len(rows)
+    def __init__(self, number: int, rest: str):
+        super().__init__(number, rest)
+        self.number, self.rest = number, rest
 
 
 def _jsonl_record(line: bytes) -> Optional[dict]:
@@ -240,25 +95,23 @@ def _jsonl_text(line: bytes, text_field: str) -> Optional[str]:
     return text
 
 
-# Each worker process holds one tokenizer, loaded once by `_start_worker`.
+def _row_name(batch: Batch) -> str:
+    return "line" if batch.kind == "jsonl" else "row"
+
+
+def _bad_row(batch: Batch, number: int, error: ValueError) -> _BadRow:
+    reason = f"is not valid JSON ({error.msg})" if isinstance(error, json.JSONDecodeError) else str(error)
+    return _BadRow(number, f" {reason}; fix it or pass --skip-bad to skip bad {_row_name(batch)}s")
+
+
+# Each worker process holds one tokenizer and the folder of the shards, set by `_start_worker`.
 _worker_state: dict = {}
 
 
-def _start_worker(tokenizer_spec: str, text_field: str, skip_bad: bool, sft: bool = False) -> None:
+def _start_worker(tokenizer: Tokenizer, text_field: str, skip_bad: bool, sft: bool, shards: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
-    tokenizer = load_tokenizer(tokenizer_spec, "--tokenizer")
-    _worker_state.update(tokenizer=tokenizer, field=text_field, skip_bad=skip_bad,
-                         sft=SFTRenderer(tokenizer) if sft else None)
-
-
-def _row_name(batch: Batch) -> str:
-    return "row" if batch.kind == "rows" else "line"
-
-
-def _bad_row(batch: Batch, number: int, error: ValueError) -> UserError:
-    reason = f"is not valid JSON ({error.msg})" if isinstance(error, json.JSONDecodeError) else str(error)
-    return UserError(f"{batch.path}: {_row_name(batch)} {number} {reason}; fix it or pass --skip-bad to skip bad "
-                     f"{_row_name(batch)}s")
+    _worker_state.update(tokenizer=tokenizer, field=text_field, skip_bad=skip_bad, shards=shards,
+                         sft=SFTRenderer(tokenizer) if sft else None, dtype=token_dtype(tokenizer.vocab_size))
 
 
 def _encode_sft(batch: Batch, renderer: SFTRenderer, skip_bad: bool, dtype: np.dtype) -> Encoded:
@@ -276,20 +129,21 @@ def _encode_sft(batch: Batch, renderer: SFTRenderer, skip_bad: bool, dtype: np.d
                 continue
             raise _bad_row(batch, number, e) from None
         except UserError as e:  # the template, not the row, is at fault: say where it showed
-            raise UserError(f"{batch.path}: {_row_name(batch)} {number}: {e}") from None
+            raise _BadRow(number, f": {e}") from None
         ids.append(sample)
         masks.append(mask)
     lengths = np.fromiter((sample.size for sample in ids), dtype=np.int64, count=len(ids))
     if not ids:
-        return Encoded(np.empty(0, dtype=dtype), lengths, skipped, batch.input_bytes, np.empty(0, dtype=np.uint8))
-    return Encoded(np.concatenate(ids).astype(dtype), np.cumsum(lengths) - lengths, skipped, batch.input_bytes,
+        return Encoded(np.empty(0, dtype=dtype), lengths, skipped, np.empty(0, dtype=np.uint8))
+    return Encoded(np.concatenate(ids).astype(dtype), np.cumsum(lengths) - lengths, skipped,
                    np.concatenate(masks), int(lengths.max()))
 
 
 def _encode(batch: Batch) -> Encoded:
     tokenizer, text_field, skip_bad = _worker_state["tokenizer"], _worker_state["field"], _worker_state["skip_bad"]
+    dtype = _worker_state["dtype"]  # the file's dtype, so the shard is the token file's bytes
     if _worker_state["sft"] is not None:
-        return _encode_sft(batch, _worker_state["sft"], skip_bad, token_dtype(tokenizer.vocab_size))
+        return _encode_sft(batch, _worker_state["sft"], skip_bad, dtype)
     texts, starts, ends, skipped = batch.texts, batch.starts, batch.ends, 0
     if batch.kind == "jsonl":
         texts = []
@@ -304,71 +158,52 @@ def _encode(batch: Batch) -> Encoded:
             if text is not None:
                 texts.append(text)
         starts = ends = [True] * len(texts)
-    elif None in texts:  # parquet rows that are not strings, under --skip-bad
-        keep = [i for i, t in enumerate(texts) if t is not None]
+    elif not all(isinstance(t, (str, bytes)) for t in texts):  # parquet values that are not strings
+        keep = [i for i, t in enumerate(texts) if isinstance(t, (str, bytes))]
+        if not skip_bad:
+            number = next(i for i, t in enumerate(texts) if not isinstance(t, (str, bytes)))
+            raise _BadRow(batch.first_line + number, f" has {text_field}={texts[number]!r:.40}, not a string; fix "
+                          "it or pass --skip-bad to skip such rows")
         skipped = len(texts) - len(keep)
         texts, starts, ends = [texts[i] for i in keep], [starts[i] for i in keep], [ends[i] for i in keep]
     encoded = tokenizer.encode_documents(texts, starts, ends) if texts else []
     lengths = np.fromiter((ids.size for ids in encoded), dtype=np.int64, count=len(encoded))
     offsets = np.cumsum(lengths) - lengths
-    dtype = token_dtype(tokenizer.vocab_size)  # the file's dtype: a half or a quarter of int64's bytes to send back
     ids = np.concatenate(encoded).astype(dtype, copy=False) if encoded else np.empty(0, dtype=dtype)
-    return Encoded(ids, offsets[np.asarray(starts, dtype=bool)] if encoded else offsets, skipped, batch.input_bytes)
+    return Encoded(ids, offsets[np.asarray(starts, dtype=bool)] if encoded else offsets, skipped)
 
 
-def input_files(inputs: Sequence[str], suffixes: tuple[str, ...] = SUFFIXES) -> tuple[list[Path], int]:
-    """The files to read, in order, and how many files in the folders were left out for their type."""
-    files, other = [], 0
-    for source in inputs:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise UserError(f"input {source} does not exist; pass {', '.join(suffixes)} files or folders of them")
-        for found in list_documents(path):
-            if found.name.endswith(suffixes):
-                files.append(found)
-            elif path.is_file():
-                raise UserError(f"input {found} is not a {', '.join(suffixes)} file; convert it or leave it out")
-            else:
-                other += 1
-    return files, other
+def _shard_paths(shards: str, index: int) -> tuple[str, str]:
+    """Where task `index` writes its ids and its loss mask."""
+    return os.path.join(shards, f"{index}.ids"), os.path.join(shards, f"{index}.mask")
 
 
-def _file_batches(files: Sequence[Path], text_field: str, skip_bad: bool, sft: bool) -> Iterator[Batch]:
-    done = 0
-    for path in files:
-        if path.name.endswith(".parquet"):
-            reader = _parquet_batches(path, text_field, skip_bad, sft)
-        elif path.name.endswith(".txt"):
-            reader = _text_batches(path)
-        else:
-            reader = _jsonl_batches(path)
-        for batch in reader:
-            batch.input_bytes += done
-            yield batch
-        done += path.stat().st_size
-
-
-def _batches(files: Sequence[Path], text_field: str, skip_bad: bool, sft: bool = False) -> Iterator[Batch]:
-    """Each file's batches, small consecutive text ones (short .txt files) joined up to BATCH_BYTES:
-    one batch per worker call keeps the encoder batching and the messages between processes few."""
-    joined: Optional[Batch] = None
-    for batch in _file_batches(files, text_field, skip_bad, sft):
-        if joined is not None and (batch.kind != "text" or joined.nbytes + batch.nbytes > BATCH_BYTES
-                                   or len(joined.texts) + len(batch.texts) > BATCH_DOCS):
-            yield joined
-            joined = None
-        if batch.kind != "text":
-            yield batch
-        elif joined is None:
-            joined = batch
-        else:
-            joined.texts += batch.texts
-            joined.starts += batch.starts
-            joined.ends += batch.ends
-            joined.nbytes += batch.nbytes
-            joined.input_bytes = batch.input_bytes
-    if joined is not None:
-        yield joined
+def _run_task(task: Task) -> Done:
+    """Read, tokenize and write one task to its shard; a bad line ends it, reported, not raised, for the
+    main process to number within the file."""
+    sft = _worker_state["sft"] is not None
+    ids_path, mask_path = _shard_paths(_worker_state["shards"], task.index)
+    done = Done(0, np.empty(0, dtype=np.int64), 0)
+    starts = []
+    with open(ids_path, "wb") as ids_out, open(mask_path, "wb") if sft else contextlib.nullcontext() as mask_out:
+        for batch in task_batches(task, sft):
+            try:
+                encoded = _encode(batch)
+            except _BadRow as bad:
+                done.bad = (bad.number, bad.rest)
+                return done
+            ids_out.write(encoded.ids.data)
+            starts.append(done.num_tokens + encoded.doc_starts)
+            done.num_tokens += encoded.ids.size
+            done.lines += len(batch.texts)
+            done.skipped += encoded.skipped
+            if sft:
+                mask_out.write(encoded.loss_mask.data)
+                done.loss_tokens += int(np.count_nonzero(encoded.loss_mask))
+                done.longest = max(done.longest, encoded.longest)
+    if starts:
+        done.doc_starts = np.concatenate(starts)
+    return done
 
 
 class Progress:
@@ -382,14 +217,13 @@ class Progress:
         self._next = self.start
         self.docs = self.tokens = self.skipped = self.done = self.loss_tokens = self.longest = 0
 
-    def update(self, encoded: Encoded) -> None:
-        self.docs += len(encoded.doc_starts)
-        self.tokens += encoded.ids.size
-        self.skipped += encoded.skipped
-        if encoded.loss_mask is not None:
-            self.loss_tokens += int(np.count_nonzero(encoded.loss_mask))
-            self.longest = max(self.longest, encoded.longest)
-        self.done = encoded.input_bytes
+    def update(self, task: Task, done: Done) -> None:
+        self.docs += len(done.doc_starts)
+        self.tokens += done.num_tokens
+        self.skipped += done.skipped
+        self.loss_tokens += done.loss_tokens
+        self.longest = max(self.longest, done.longest)
+        self.done = task.input_bytes
         now = time.perf_counter()
         if now >= self._next:
             self._next = now + (0.5 if self.tty else 10.0)
@@ -414,21 +248,24 @@ class Progress:
                 f"bytes in {elapsed:.1f} s ({self.tokens / max(elapsed, 1e-9):,.0f} tokens/s){skipped}")
 
 
-def _encoded_in_order(batches: Iterator[Batch], workers: int, init_args: tuple) -> Iterator[Encoded]:
-    """The batches encoded in their order; at most 2 per worker in flight, so memory stays bounded."""
+def _done_in_order(planned: Iterator[Task], workers: int, init_args: tuple) -> Iterator[tuple[Task, Done]]:
+    """The tasks run in their order; at most 2 per worker in flight, so memory and shards stay bounded.
+    One worker runs them in this process; more fork from it, inheriting the loaded tokenizer."""
     if workers <= 1:
         _start_worker(*init_args)
-        yield from map(_encode, batches)
+        yield from ((task, _run_task(task)) for task in planned)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(workers, _start_worker, init_args) as pool:
         pending: collections.deque = collections.deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_encode, (batch,)))
+        for task in planned:
+            pending.append((task, pool.apply_async(_run_task, (task,))))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                task, result = pending.popleft()
+                yield task, result.get()
         while pending:
-            yield pending.popleft().get()
+            task, result = pending.popleft()
+            yield task, result.get()
 
 
 def prepare(inputs: Sequence[str], tokenizer_spec: str, out_prefix: str, text_field: str = "text",
@@ -447,7 +284,7 @@ def prepare(inputs: Sequence[str], tokenizer_spec: str, out_prefix: str, text_fi
     if workers < 1:
         raise UserError(f"--workers={workers} must be at least 1")
     prefix = Path(out_prefix).expanduser()
-    extra = {"field": text_field, "skip_bad": skip_bad, "piece_bytes": PIECE_BYTES}
+    extra = {"field": text_field, "skip_bad": skip_bad, "piece_bytes": prepare_inputs.PIECE_BYTES}
     template = None
     if sft:  # the template decides the ids and the mask
         renderer = SFTRenderer(tokenizer)
@@ -455,12 +292,30 @@ def prepare(inputs: Sequence[str], tokenizer_spec: str, out_prefix: str, text_fi
         template = ("the tokenizer's chat template" if renderer.template_source is not None else
                     "the plain template (the tokenizer has no chat template)")
     fingerprint = source_fingerprint(files, tokenizer, extra)
-    progress = Progress(sum(f.stat().st_size for f in files), progress_stream, template)
-    init_args = (tokenizer_spec, text_field, skip_bad, sft)
+    total_bytes = sum(f.stat().st_size for f in files)
+    task_bytes = max(MIN_TASK_BYTES, min(TASK_BYTES, total_bytes // (workers * TASKS_PER_WORKER)))
+    progress = Progress(total_bytes, progress_stream, template)
+    dtype = token_dtype(tokenizer.vocab_size)
+    lines_before: collections.Counter = collections.Counter()  # per file: lines (rows) in its tasks so far
     with token_file_writer(prefix, tokenizer, fingerprint, loss_mask=sft) as writer:
-        for encoded in _encoded_in_order(_batches(files, text_field, skip_bad, sft), workers, init_args):
-            writer.write(encoded.ids, encoded.doc_starts, encoded.loss_mask)
-            progress.update(encoded)
+        shards = tempfile.mkdtemp(dir=prefix.parent, prefix=f".{prefix.name}.shards.")
+        try:
+            init_args = (tokenizer, text_field, skip_bad, sft, shards)
+            for task, done in _done_in_order(tasks(files, text_field, sft, task_bytes), workers, init_args):
+                if done.bad is not None:
+                    number, rest = done.bad
+                    row = "row" if task.kind == "parquet" else "line"
+                    raise UserError(f"{task.path}: {row} {lines_before[task.path] + number}{rest}")
+                lines_before[task.path] += done.lines
+                ids_path, mask_path = _shard_paths(shards, task.index)
+                writer.write(np.fromfile(ids_path, dtype=dtype), done.doc_starts,
+                             np.fromfile(mask_path, dtype=np.uint8) if sft else None)
+                os.unlink(ids_path)
+                if sft:
+                    os.unlink(mask_path)
+                progress.update(task, done)
+        finally:
+            shutil.rmtree(shards, ignore_errors=True)
         if writer.num_tokens == 0:
             raise UserError(f"{' '.join(inputs)} holds no {'samples' if sft else 'documents'} (empty files or only "
                             "blank lines); pass inputs with text in them")

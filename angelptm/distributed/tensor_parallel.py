@@ -3,7 +3,8 @@
 Each tp rank holds a slice of every large weight: wq/wk/wv/w1/w3 and the output head by rows
 (column-parallel: a slice of the output features), wo/w2 by columns (row-parallel: a slice of the
 input features), the embedding by vocabulary rows; q/k/v biases are sliced like their weights'
-rows, and q/k norm weights (one head long) stay whole. The sharded layers stay plain `nn.Linear`
+rows, and q/k norm weights (one head long) stay whole. An MoE layer keeps its router and routed
+experts whole and splits its shared experts (`_shard_moe`). The sharded layers stay plain `nn.Linear`
 modules of smaller shape (so FP8 conversion and checkpoints see ordinary linears); the
 communication sits at the edges of each block, as forward hooks on `attention`, `feed_forward`
 and `output`:
@@ -267,13 +268,15 @@ def apply_tensor_parallel(model: nn.Module, group: Group, sequence_parallel: boo
                 specs[f"{prefix}.attention.{name}.weight"] = ShardSpec((hd,), copies=tp, partial_grad=True)
         for norm in ("attention_norm", "ffn_norm"):
             specs[f"{prefix}.{norm}.weight"] = ShardSpec((cfg.dim,), **norm_spec)
-        for module in (attn, ffn) if not isinstance(ffn, MoE) else (attn,):
-            module.register_forward_pre_hook(_enter_hook(enter, group))
-            module.register_forward_hook(_leave_hook(leave, group))
-        if isinstance(ffn, MoE):
+        regions = [attn]
+        if isinstance(ffn, MoE):  # its own regions, around the shared experts alone
             _shard_moe(ffn, f"{prefix}.feed_forward", specs, group, sequence_parallel)
         else:
             _shard_swiglu(ffn, f"{prefix}.feed_forward", specs, rank, tp)
+            regions.append(ffn)
+        for module in regions:
+            module.register_forward_pre_hook(_enter_hook(enter, group))
+            module.register_forward_hook(_leave_hook(leave, group))
 
     rows = -(-cfg.vocab_size // tp)  # the vocabulary padded to a multiple of tp, split evenly
     vocab_spec = ShardSpec((cfg.vocab_size, cfg.dim), dim=0, start=rank * rows,
