@@ -127,7 +127,10 @@ class GroupedExperts(nn.Module):
         """Every expert's SwiGLU over its run of the rows."""
         if self.float8 is not None:  # FP8 casts the weights from their own dtype, whatever autocast says
             sizes = tokens_per_expert.tolist()
-            fp8 = lambda rows, name: self.float8.linear(rows, getattr(self, name), name, sizes)  # noqa: E731
+
+            def fp8(rows: torch.Tensor, name: str) -> torch.Tensor:
+                return self.float8.linear(rows, getattr(self, name), name, sizes)
+
             return fp8(F.silu(fp8(x, "w1")) * fp8(x, "w3"), "w2")
         w1, w2, w3 = self.w1, self.w2, self.w3
         if torch.is_autocast_enabled(x.device.type):
