@@ -160,7 +160,7 @@ def test_aux_free_bias_moves_toward_balance():
     with torch.no_grad():
         layer.router.weight[0] += 2.0  # expert 0 wins almost every token
     x = torch.randn(64, DIM).abs()
-    stats = MoEStepStats(layer)
+    stats = MoEStepStats(layer, torch.device("cpu"))
     loads = []
     for _ in range(40):
         layer(x)

@@ -322,7 +322,7 @@ class _AuxLossGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         dtype, device = ctx.aux
-        return grad, torch.tensor(ctx.scale, dtype=dtype, device=device), None
+        return grad, torch.full((), ctx.scale, dtype=dtype, device=device), None  # a fill: no host copy
 
 
 class MoE(nn.Module):
@@ -383,7 +383,7 @@ class MoE(nn.Module):
         local = RoutingTotals(
             routed, probs.sum(dim=0) if balancing else probs.new_zeros(probs.shape[1]),
             routing.logits.logsumexp(dim=-1).square().sum() if cfg.z_loss_coef else probs.new_zeros(()),
-            torch.tensor(probs.shape[0], device=probs.device))
+            probs.new_full((), probs.shape[0]))
         if self.sum_over_token_shards is None:
             return local
         return RoutingTotals.from_flat(self.sum_over_token_shards(local.flat()))

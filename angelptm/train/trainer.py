@@ -125,7 +125,7 @@ class Trainer:
         # The routing losses' gradient is scaled as a microbatch's loss is: 1/m for the runner's mean
         # over m microbatches, times cp because the cp ranks' gradients are averaged, though each
         # holds its own tokens' part of the one loss (tp ranks' parts are summed).
-        self.moe_stats = MoEStepStats(self.model)
+        self.moe_stats = MoEStepStats(self.model, self.device)
         self.moe_stats.watch(stages, aux_loss_scale=self.cp.size / self.accum_steps)
         # ZeROCache, the data-parallel engine, shards over dp × cp; the mesh also tells it the tp
         # slices (partial gradients, norm, checkpoint places) and the pp stages (norm) it holds.
