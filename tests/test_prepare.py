@@ -1,6 +1,7 @@
 """`angelptm prepare`: every input type into one token file, bad input refused in one line, bounded memory,
 and the whole path a user takes: import-hf -> prepare -> train -> export-hf -> transformers."""
 
+import gc
 import gzip
 import json
 import multiprocessing
@@ -21,6 +22,7 @@ from angelptm.cli import main
 from angelptm.data import TokenFile, load_tokenizer
 from angelptm.data import prepare as prepare_module
 from angelptm.data import prepare_inputs
+from angelptm.errors import UserError
 
 DOCS = [f"def f{i}(x):\n    return x * {i}  # é{'!' * (i % 7)}\n" for i in range(300)]
 
@@ -85,6 +87,22 @@ def test_long_text_file_is_read_in_pieces_as_one_document(tmp_path, monkeypatch)
     assert out.doc_offsets == [0]
 
 
+def test_the_garbage_collector_is_left_as_the_caller_had_it(tmp_path):
+    # prepare freezes the heap it starts with (no full collection walks it, no worker copies it) and
+    # unfreezes it after, on success and on error, but never undoes a freeze of the caller's.
+    (tmp_path / "a.txt").write_text(DOCS[0])
+    prepare_module.prepare([str(tmp_path / "a.txt")], "byte", str(tmp_path / "out"), workers=2)
+    with pytest.raises(UserError):
+        prepare_module.prepare([str(tmp_path / "missing.txt")], "byte", str(tmp_path / "out"), workers=1)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        prepare_module.prepare([str(tmp_path / "a.txt")], "byte", str(tmp_path / "out"), workers=1)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def whole_read_pieces(data: bytes, piece: int) -> list[tuple[int, int]]:
     """Where a .txt file's pieces begin and end, read as a reader holding the whole window would cut them."""
     pieces, start, window_end = [], 0, piece
@@ -106,6 +124,32 @@ def test_text_pieces_are_cut_where_a_whole_read_cuts_them(tmp_path, monkeypatch)
     (tmp_path / "t.txt").write_bytes(data)
     pieces = [task.pieces[0][1:3] for task in prepare_inputs._txt_pieces(tmp_path / "t.txt", 0)]
     assert pieces == whole_read_pieces(data, 37) and len(pieces) > 30
+
+
+def test_tasks_shrink_as_the_input_runs_out_and_cover_it(tmp_path, monkeypatch):
+    # Guided scheduling: big tasks first (few shards), small ones last, so the workers end together.
+    monkeypatch.setattr(prepare_module, "TASK_BYTES", 8000)
+    monkeypatch.setattr(prepare_module, "MIN_TASK_BYTES", 500)
+    data = jsonl_bytes(DOCS * 5)
+    (tmp_path / "in.jsonl").write_bytes(data)
+    size = prepare_module.guided_task_bytes(len(data), workers=2)
+    planned = list(prepare_inputs.tasks([tmp_path / "in.jsonl"], "text", False, size))
+    ends = [t.end for t in planned]
+    assert [(t.start, t.end) for t in planned] == list(zip([0] + ends[:-1], ends)) and ends[-1] == len(data)
+    assert [t.index for t in planned] == list(range(len(planned)))
+    longest_line = max(map(len, data.splitlines(keepends=True)))
+    for task in planned[:-1]:  # each task is its size, rounded up to a whole line
+        assert size(task.start) <= task.end - task.start < size(task.start) + longest_line
+        assert data[task.end - 1:task.end] == b"\n"
+    lengths = [t.end - t.start for t in planned]
+    assert lengths[0] >= 8000 and max(lengths[-5:]) < 500 + longest_line
+    # .txt files share a task up to its size; one file larger than that is a task of its own.
+    for i, n in enumerate([300, 300, 2000, 300, 300, 300]):
+        (tmp_path / f"{i}.txt").write_text("x" * (n - 1) + "\n")
+    files = sorted(tmp_path.glob("*.txt"))
+    grouped = list(prepare_inputs.tasks(files, "text", False, lambda done: 700))
+    assert [[os.path.basename(piece[0]) for piece in t.pieces] for t in grouped] == [
+        ["0.txt", "1.txt"], ["2.txt"], ["3.txt", "4.txt"], ["5.txt"]]
 
 
 @pytest.mark.parametrize("suffix, compress", [("", bytes), (".gz", gzip.compress)])

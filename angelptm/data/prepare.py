@@ -1,13 +1,14 @@
 """`angelptm prepare`: tokenize text, jsonl(.gz/.zst) and parquet inputs into one token file, in parallel, streaming.
 
-The inputs are cut into tasks (see angelptm.data.prepare_inputs): each worker process reads its
-task's input itself, tokenizes it with the tokenizer's batch encoder and writes the ids (and SFT
-loss mask) to a shard file of its own, returning only the task's counts and document lengths. The
-main process plans the tasks a few ahead and stitches the finished shards in input order into the
-`.bin` + `.json` token file of `angelptm.data.builder`, a sequential copy, so it hardly takes a core
-from the workers. Memory holds a few tasks per worker whatever the size of the input; the shards
-live in a temporary folder beside the output, each removed once copied, the folder on any failure
-or Ctrl-C, and the token file appears only complete.
+The inputs are cut into tasks (see angelptm.data.prepare_inputs), big at first and smaller as the
+input runs out, so the workers end together. Each worker process reads its task's input itself,
+tokenizes it with the tokenizer's batch encoder and writes the ids (and SFT loss mask) to a shard
+file of its own, returning only the task's counts and document lengths. The main process plans the
+tasks a few ahead and stitches the finished shards in input order into the `.bin` + `.json` token
+file of `angelptm.data.builder`, a sequential copy, so it hardly takes a core from the workers.
+Memory holds a few tasks per worker whatever the size of the input; the shards live in a temporary
+folder beside the output, each removed once copied, the folder on any failure or Ctrl-C, and the
+token file appears only complete.
 
 With `sft`, each jsonl line or parquet row is one chat sample (`messages`, or `prompt`/`completion`;
 see angelptm.data.sft), rendered with the tokenizer's chat template into one document, and the file
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import json
 import multiprocessing
 import os
@@ -27,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -38,9 +40,9 @@ from angelptm.data.sft import SFTRenderer
 from angelptm.data.tokenizers import Tokenizer, load_tokenizer
 from angelptm.errors import UserError
 
-TASK_BYTES = 1 << 20  # the most input per task; a small corpus gets smaller ones, TASKS_PER_WORKER each at least
-TASKS_PER_WORKER = 16  # so the workers end together: the last task is a small share of the run
-MIN_TASK_BYTES = 1 << 16
+TASK_BYTES = 1 << 20  # the most input per task
+MIN_TASK_BYTES = 1 << 16  # the least: a task's fixed cost (a shard, two messages) stays small beside it
+GUIDE = 4  # a task holds 1/GUIDE of a worker's share of what is left (guided scheduling)
 
 
 @dataclass
@@ -268,6 +270,28 @@ def _done_in_order(planned: Iterator[Task], workers: int, init_args: tuple) -> I
             yield task, result.get()
 
 
+def guided_task_bytes(total_bytes: int, workers: int) -> Callable[[int], int]:
+    """How much input the task that begins `done` bytes into it holds (guided scheduling): 1/GUIDE of a
+    worker's share of what is left, within [MIN_TASK_BYTES, TASK_BYTES]. The first tasks are big (few
+    shards and messages), the last small, so the workers end together."""
+    return lambda done: max(MIN_TASK_BYTES, min(TASK_BYTES, (total_bytes - done) // (GUIDE * workers)))
+
+
+@contextlib.contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """Python's garbage collector leaves alone what exists when the run starts (torch's objects and the
+    like): a full collection would walk all of it in the main process, and in each forked worker also
+    write to every page it lies in, copying them from the parent."""
+    frozen_before = gc.get_freeze_count() > 0  # a caller's own freeze is theirs to undo
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not frozen_before:
+            gc.unfreeze()
+
+
+@_heap_frozen()
 def prepare(inputs: Sequence[str], tokenizer_spec: str, out_prefix: str, text_field: str = "text",
             workers: Optional[int] = None, skip_bad: bool = False, progress_stream=None, sft: bool = False) -> str:
     """Tokenize `inputs` into the token file `out_prefix` (.bin + .json; with `sft`, chat samples and
@@ -293,7 +317,7 @@ def prepare(inputs: Sequence[str], tokenizer_spec: str, out_prefix: str, text_fi
                     "the plain template (the tokenizer has no chat template)")
     fingerprint = source_fingerprint(files, tokenizer, extra)
     total_bytes = sum(f.stat().st_size for f in files)
-    task_bytes = max(MIN_TASK_BYTES, min(TASK_BYTES, total_bytes // (workers * TASKS_PER_WORKER)))
+    task_bytes = guided_task_bytes(total_bytes, workers)
     progress = Progress(total_bytes, progress_stream, template)
     dtype = token_dtype(tokenizer.vocab_size)
     lines_before: collections.Counter = collections.Counter()  # per file: lines (rows) in its tasks so far

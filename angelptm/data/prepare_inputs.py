@@ -21,7 +21,7 @@ import gzip
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator, Optional, Sequence
+from typing import IO, Callable, Iterator, Optional, Sequence
 
 from angelptm.data.builder import list_documents
 from angelptm.errors import UserError
@@ -79,12 +79,15 @@ def input_files(inputs: Sequence[str], suffixes: tuple[str, ...] = SUFFIXES) -> 
     return files, other
 
 
-def tasks(files: Sequence[Path], text_field: str, sft: bool, task_bytes: int) -> Iterator[Task]:
-    """The inputs as tasks of about `task_bytes`, in order, numbered; planned lazily, as the workers need them.
+def tasks(files: Sequence[Path], text_field: str, sft: bool, task_bytes: Callable[[int], int]) -> Iterator[Task]:
+    """The inputs as tasks, in order, numbered; planned lazily, as the workers need them. The task that
+    begins `n` bytes into the input holds about `task_bytes(n)` bytes of it (a parquet task, a row group).
     Consecutive .txt pieces (short files) share a task: one encoder call and one shard for many files."""
-    index, txt, txt_bytes = 0, None, 0
+    index, txt, txt_bytes, limit, reached = 0, None, 0, 0, 0
     for task in _file_tasks(files, text_field, sft, task_bytes):
-        if txt is not None and (task.kind != "txt" or txt_bytes >= task_bytes or len(txt.pieces) >= BATCH_DOCS):
+        piece_bytes = sum(end - start for _, start, end, _, _ in task.pieces)  # 0 but for .txt
+        if txt is not None and (task.kind != "txt" or txt_bytes + piece_bytes > limit
+                                or len(txt.pieces) >= BATCH_DOCS):
             txt.index, index = index, index + 1
             yield txt
             txt = None
@@ -92,17 +95,19 @@ def tasks(files: Sequence[Path], text_field: str, sft: bool, task_bytes: int) ->
             task.index, index = index, index + 1
             yield task
         elif txt is None:
-            txt, txt_bytes = task, 0
+            txt, txt_bytes, limit = task, piece_bytes, task_bytes(reached)
         else:
             txt.pieces += task.pieces
             txt.input_bytes = task.input_bytes
-        txt_bytes += sum(end - start for _, start, end, _, _ in task.pieces) if task.kind == "txt" else 0
+            txt_bytes += piece_bytes
+        reached = task.input_bytes
     if txt is not None:
         txt.index = index
         yield txt
 
 
-def _file_tasks(files: Sequence[Path], text_field: str, sft: bool, task_bytes: int) -> Iterator[Task]:
+def _file_tasks(files: Sequence[Path], text_field: str, sft: bool,
+                task_bytes: Callable[[int], int]) -> Iterator[Task]:
     done = 0
     for path in files:
         if path.name.endswith(".txt"):
@@ -152,13 +157,13 @@ def _utf8_boundary(data: bytes) -> int:
     return max(cut, 1)
 
 
-def _jsonl_tasks(path: Path, task_bytes: int, done: int) -> Iterator[Task]:
-    """An uncompressed .jsonl file as byte ranges of about `task_bytes`, each ending after a line break."""
+def _jsonl_tasks(path: Path, task_bytes: Callable[[int], int], done: int) -> Iterator[Task]:
+    """An uncompressed .jsonl file as byte ranges of about `task_bytes(where)`, each ending after a line break."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         start = 0
         while start < size:
-            end = min(start + task_bytes, size)
+            end = min(start + task_bytes(done + start), size)
             handle.seek(end)
             while end < size:  # on to the end of the line the cut fell in
                 chunk = handle.read(SCAN_BYTES)
@@ -170,16 +175,16 @@ def _jsonl_tasks(path: Path, task_bytes: int, done: int) -> Iterator[Task]:
             start = end
 
 
-def _compressed_jsonl_tasks(path: Path, task_bytes: int, done: int) -> Iterator[Task]:
+def _compressed_jsonl_tasks(path: Path, task_bytes: Callable[[int], int], done: int) -> Iterator[Task]:
     raw, handle = _open_lines(path)
     with raw, handle:
-        lines, nbytes = [], 0
+        lines, nbytes, limit = [], 0, task_bytes(done)  # decompressed bytes: smaller tasks than a plain file's
         for line in _lines(path, handle):
             lines.append(line)
             nbytes += len(line)
-            if nbytes >= task_bytes or len(lines) >= BATCH_DOCS:
+            if nbytes >= limit or len(lines) >= BATCH_DOCS:
                 yield Task("jsonl", str(path), lines=lines, input_bytes=done + raw.tell())
-                lines, nbytes = [], 0
+                lines, nbytes, limit = [], 0, task_bytes(done + raw.tell())
         if lines:
             yield Task("jsonl", str(path), lines=lines, input_bytes=done + raw.tell())
 
