@@ -2,24 +2,27 @@
 
 The corpus is the stdlib corpus (this Python's standard library, as `data.source: stdlib` reads
 it), written once as a folder of .txt files and once as one .jsonl. The tokenizer is a byte-level
-BPE of 16384 ids trained here with `tokenizers` on the first 4 MB of that corpus. Each round runs,
-side by side:
-  ceiling    one process, a plain loop over `Tokenizer.encode_batch_fast` on texts already in
-             memory, one thread (TOKENIZERS_PARALLELISM=false): what one core can tokenize;
+BPE of 16384 ids trained here with `tokenizers` on the first 4 MB of that corpus. Each round runs
+every side once, each in a fresh process of its own (as a user runs each tool), timed inside it
+from the moment its inputs are in place:
+  ceiling    a plain loop over `Tokenizer.encode_batch_fast` on texts already in memory, one thread
+             (TOKENIZERS_PARALLELISM=false): what one core can tokenize;
   parallel ceiling  the same loop in WORKERS processes at once (started before the clock, each on
              every WORKERS-th text): what this machine's cores deliver together, which is less than
              ceiling x workers where they share caches, memory bandwidth or a physical core;
   datasets   `Dataset.map(batched=True, num_proc=WORKERS)` over the same texts already in memory;
-  prepare    `angelptm prepare --workers WORKERS` on the .txt folder and on the .jsonl: reading,
-             parsing, tokenizing, writing and checksumming the token file.
+  prepare    `angelptm prepare --workers WORKERS` on the .txt folder and on the .jsonl: loading the
+             tokenizer, reading, parsing, tokenizing, writing and checksumming the token file.
+A fresh process per side keeps one side's heap from slowing the next: tokenizing in a process that
+has tokenized (and freed) a lot before runs slower: 1.6x slower here after a few rounds.
 Goals (issue 19): prepare >= 1.5x datasets.map, and >= 90% of ceiling x workers (also reported
 against the parallel ceiling, the bound the cores themselves set).
 
     python benchmarks/data_prepare.py [--rounds 3] [--workers 2]
 
 Prints a table (tokens/s: median, min, max of the rounds; each ratio: the median, min and max of the
-per-round ratios, sides of one round having run back to back) and writes
-benchmarks/results/data_prepare_workers<N>.json.
+per-round ratios, sides of one round having run back to back, in an order rotated from round to
+round) and writes benchmarks/results/data_prepare_workers<N>.json.
 With 2 cores, `--workers 1` leaves the main process (reading, writing) a core of its own, so it is
 the fair test of the ceiling goal there; `--workers 2` shares the 2 cores among 3 processes.
 """
@@ -32,6 +35,8 @@ import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -99,42 +104,79 @@ def timed(run) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
+SIDES = ("ceiling", "parallel", "datasets", "prepare-txt", "prepare-jsonl")
+
+
+def run_side(side: str, data: Path, workers: int) -> tuple[float, int]:
+    """One side, once, in this process (a fresh one): its seconds and the ids of text it produced."""
+    tok_dir = data / "tokenizer"
+    if side.startswith("prepare-"):
+        source = data / ("txt" if side == "prepare-txt" else "corpus.jsonl")
+        return timed(lambda: _prepare(source, tok_dir, data / f"out-{os.getpid()}", workers))
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in sorted((data / "txt").iterdir())]
+    tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    if side == "ceiling":
+        return timed(lambda: ceiling(tokenizer, texts))
+    if side == "datasets":
+        import datasets
+
+        datasets.disable_progress_bars()  # imported before the clock, as a user's script has it
+        return timed(lambda: datasets_map(tokenizer, texts, workers))
+    _shared.update(tokenizer=tokenizer, texts=texts, workers=workers)
+    with multiprocessing.get_context("fork").Pool(workers) as pool:  # forked now: the clock leaves out its start
+        pool.map(abs, range(workers))
+        return timed(lambda: parallel_ceiling(pool, workers))
+
+
+def run_in_fresh_process(side: str, data: Path, workers: int) -> tuple[float, int]:
+    done = subprocess.run([sys.executable, __file__, "--side", side, "--data", str(data), "--workers", str(workers)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"side {side} failed:\n{done.stderr}")
+    result = json.loads(done.stdout.splitlines()[-1])
+    return result["seconds"], result["tokens"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, run by the rounds below
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side is not None:
+        seconds, tokens = run_side(args.side, args.data, args.workers)
+        print(json.dumps({"seconds": seconds, "tokens": tokens}))
+        return
     files = stdlib_files()
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
     corpus_bytes = sum(len(t.encode()) for t in texts)
+    names = {"ceiling": "ceiling (1 process)", "parallel": f"parallel ceiling ({args.workers} processes)",
+             "datasets": f"datasets.map (num_proc={args.workers})",
+             "prepare-txt": f"prepare txt (workers={args.workers})",
+             "prepare-jsonl": f"prepare jsonl (workers={args.workers})"}
+    rates: dict[str, list[float]] = {name: [] for name in names.values()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tok_dir = train_tokenizer(texts, tmp / "tokenizer")
-        tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        train_tokenizer(texts, tmp / "tokenizer")
         (tmp / "txt").mkdir()
         for i, text in enumerate(texts):
             (tmp / "txt" / f"{i:05d}.txt").write_text(text)
         with open(tmp / "corpus.jsonl", "w") as f:
             f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
-        _shared.update(tokenizer=tokenizer, texts=texts, workers=args.workers)
-        pool = multiprocessing.get_context("fork").Pool(args.workers)  # forked now: the clock leaves out its start
-        sides = {
-            "ceiling (1 process)": lambda: ceiling(tokenizer, texts),
-            f"parallel ceiling ({args.workers} processes)": lambda: parallel_ceiling(pool, args.workers),
-            f"datasets.map (num_proc={args.workers})": lambda: datasets_map(tokenizer, texts, args.workers),
-            f"prepare txt (workers={args.workers})": lambda: _prepare(tmp / "txt", tok_dir, tmp / "out", args.workers),
-            f"prepare jsonl (workers={args.workers})": lambda: _prepare(tmp / "corpus.jsonl", tok_dir, tmp / "out",
-                                                                         args.workers),
-        }
-        rates: dict[str, list[float]] = {name: [] for name in sides}
+        counted = set()
         for round_ in range(args.rounds):
-            for name, run in sides.items():  # alternating: every round runs every side once
-                seconds, tokens = timed(run)
-                rates[name].append(tokens / seconds)
-                print(f"round {round_ + 1} {name:32s} {tokens:>11,} tokens {seconds:6.2f} s {tokens / seconds:>11,.0f} tokens/s")
-        pool.close()
-        pool.join()
-    ceiling_name, parallel_name, datasets_name = list(sides)[:3]
+            # Every round runs every side once, in an order rotated each round: no side always follows the
+            # same one.
+            for side in SIDES[round_ % len(SIDES):] + SIDES[:round_ % len(SIDES)]:
+                seconds, tokens = run_in_fresh_process(side, tmp, args.workers)
+                counted.add(tokens)
+                rates[names[side]].append(tokens / seconds)
+                print(f"round {round_ + 1} {names[side]:32s} {tokens:>11,} tokens {seconds:6.2f} s "
+                      f"{tokens / seconds:>11,.0f} tokens/s", flush=True)
+    if len(counted) != 1:
+        raise SystemExit(f"the sides tokenized different numbers of ids: {sorted(counted)}")
+    ceiling_name, parallel_name, datasets_name = (names[side] for side in SIDES[:3])
     baselines = {"vs_datasets_map": lambda r: rates[datasets_name][r],
                  "vs_ceiling_x_workers": lambda r: rates[ceiling_name][r] * args.workers,
                  "vs_parallel_ceiling": lambda r: rates[parallel_name][r]}
@@ -167,7 +209,10 @@ def main() -> None:
 def _prepare(source: Path, tok_dir: Path, out: Path, workers: int) -> int:
     with open(os.devnull, "w") as quiet:
         prepare([str(source)], str(tok_dir), str(out), workers=workers, progress_stream=quiet)
-    index = json.loads(out.with_name(out.name + ".json").read_text())
+    index_path = out.with_name(out.name + ".json")
+    index = json.loads(index_path.read_text())
+    index_path.unlink()
+    out.with_name(out.name + ".bin").unlink()
     # The text's ids alone, as the other sides count them: less the EOS that ends each document.
     return index["num_tokens"] - index["num_docs"]
 
