@@ -124,7 +124,7 @@ def run_side(side: str, data: Path, workers: int) -> tuple[float, int]:
         return timed(lambda: datasets_map(tokenizer, texts, workers))
     _shared.update(tokenizer=tokenizer, texts=texts, workers=workers)
     with multiprocessing.get_context("fork").Pool(workers) as pool:  # forked now: the clock leaves out its start
-        pool.map(abs, range(workers))
+        pool.map(abs, range(workers))  # one round trip through the started pool, before the clock
         return timed(lambda: parallel_ceiling(pool, workers))
 
 
